@@ -1,0 +1,51 @@
+# mozrest-relay: the project's vocabulary. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[test,lint]'
+	touch $(STAMP)
+
+.PHONY: install
+install: $(STAMP) ## create the virtual environment and install (pinned by requirements.lock)
+
+.PHONY: run
+run: $(STAMP) ## start the local Mozrest emulator and the relay on SQLite, pointed at each other
+	@$(BIN)/python scripts/run_local.py
+
+.PHONY: test
+test: $(STAMP) ## run the whole test suite (PostgreSQL tests run when a server answers)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: $(STAMP) ## ruff (lint and format check) and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+.PHONY: format
+format: $(STAMP) ## format the code
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+.PHONY: migrate
+migrate: $(STAMP) ## upgrade DATABASE_URL to the newest schema
+	$(BIN)/mozrest-relay migrate
+
+.PHONY: lock
+lock: ## re-pin requirements.lock from a fresh install
+	rm -rf /tmp/mozrest-relay-lock && $(PYTHON) -m venv /tmp/mozrest-relay-lock
+	/tmp/mozrest-relay-lock/bin/pip install --quiet -e '.[test,lint]'
+	/tmp/mozrest-relay-lock/bin/pip freeze --exclude-editable | grep -v '^-e' > requirements.lock

@@ -1,0 +1,272 @@
+"""Mozrest's reservation webhook payload: validation, normalisation, serialisation and diff.
+
+A *state* is the normalised payload as a plain dict: documented keys only, in documented order,
+optional fields omitted when absent (never `None`), an empty `items` list removed. A state is
+exactly what goes on the wire, so `serialize(parse_state(x))` is what Mozrest receives.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+State = dict[str, Any]
+
+#: Top-level fields in Mozrest's documented order; serialisation keeps this order.
+FIELDS = (
+    "bookingId",
+    "venueId",
+    "partySize",
+    "status",
+    "tables",
+    "date",
+    "prepayment",
+    "contact",
+    "notes",
+    "items",
+)
+REQUIRED_FIELDS = frozenset({"bookingId", "venueId", "partySize", "status", "tables", "date"})
+CONTACT_FIELDS = ("firstname", "lastname", "email", "telephone", "locale")
+ITEM_FIELDS = ("sku", "quantity", "notes")
+#: Column limits of `mozrest_outbox.booking_id` / `venue_id`; keep in step with `models.py`.
+MAX_ID_LENGTH = 64
+DEFAULT_MAX_PAYLOAD_BYTES = 65536
+
+
+class ContractError(ValueError):
+    """A payload breaks the webhook contract; `field` names where, `reason` says why."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def _kind(value: object) -> str:
+    """Name a JSON value's type without echoing it (values may be guest personal data)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _string(value: object, field: str, *, non_empty: bool, max_length: int | None = None) -> str:
+    if not isinstance(value, str):
+        raise ContractError(field, f"must be a string, got {_kind(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ContractError(field, "contains invalid Unicode (an unpaired surrogate)") from None
+    if non_empty and not value.strip():
+        raise ContractError(field, "must be a non-empty string")
+    if max_length is not None and len(value) > max_length:
+        raise ContractError(field, f"must be at most {max_length} characters")
+    return value
+
+
+def _integer(value: object, field: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ContractError(field, f"must be an integer, got {_kind(value)}")
+    if value < minimum:
+        raise ContractError(field, f"must be an integer of at least {minimum}, got {value}")
+    return value
+
+
+def _number(value: object, field: str) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ContractError(field, f"must be a number, got {_kind(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ContractError(field, "must be a finite number")
+    if value < 0:
+        raise ContractError(field, "must not be negative")
+    return value
+
+
+def _absent(data: dict[str, Any], key: str, field: str, *, strict: bool) -> bool:
+    """True when an optional field is missing; `null` counts as missing unless `strict`."""
+    if key not in data:
+        return True
+    if data[key] is None:
+        if strict:
+            raise ContractError(field, "must be omitted rather than sent as null")
+        return True
+    return False
+
+
+def _reject_unknown(data: dict[str, Any], known: tuple[str, ...], prefix: str) -> None:
+    for key in data:
+        if key not in known:
+            # Name the key (it is what the RMS developer must fix) but never at length.
+            shown = key if len(key) <= 40 else f"{key[:40]}..."
+            raise ContractError(f"{prefix}{shown}", "is not a field of the Mozrest webhook payload")
+
+
+def _contact(value: object, *, strict: bool) -> dict[str, str] | None:
+    if not isinstance(value, dict):
+        raise ContractError("contact", f"must be an object, got {_kind(value)}")
+    _reject_unknown(value, CONTACT_FIELDS, "contact.")
+    contact: dict[str, str] = {}
+    for key in CONTACT_FIELDS:
+        field = f"contact.{key}"
+        if not _absent(value, key, field, strict=strict):
+            contact[key] = _string(value[key], field, non_empty=False)
+    return contact
+
+
+def _items(value: object, *, strict: bool) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise ContractError("items", f"must be an array, got {_kind(value)}")
+    items = []
+    for index, raw in enumerate(value):
+        prefix = f"items[{index}]"
+        if not isinstance(raw, dict):
+            raise ContractError(prefix, f"must be an object, got {_kind(raw)}")
+        _reject_unknown(raw, ITEM_FIELDS, f"{prefix}.")
+        if "sku" not in raw or raw["sku"] is None:
+            raise ContractError(f"{prefix}.sku", "is required")
+        if "quantity" not in raw or raw["quantity"] is None:
+            raise ContractError(f"{prefix}.quantity", "is required")
+        item: dict[str, Any] = {
+            "sku": _string(raw["sku"], f"{prefix}.sku", non_empty=True),
+            "quantity": _integer(raw["quantity"], f"{prefix}.quantity", minimum=1),
+        }
+        if not _absent(raw, "notes", f"{prefix}.notes", strict=strict):
+            item["notes"] = _string(raw["notes"], f"{prefix}.notes", non_empty=False)
+        items.append(item)
+    return items
+
+
+def parse_state(data: object, *, strict: bool = False) -> State:
+    """Validate a payload and return its normalised state, or raise `ContractError`.
+
+    `strict` is the wire check (the emulator's): optional fields sent as `null` are refused. Off
+    the wire (an outbox row), `null` for an optional field means "absent" and is dropped.
+    """
+    if not isinstance(data, dict):
+        raise ContractError("payload", f"must be a JSON object, got {_kind(data)}")
+    _reject_unknown(data, FIELDS, "")
+
+    def required(key: str) -> Any:
+        if data.get(key) is None:
+            raise ContractError(key, "is required")
+        return data[key]
+
+    state: State = {
+        "bookingId": _string(
+            required("bookingId"), "bookingId", non_empty=True, max_length=MAX_ID_LENGTH
+        ),
+        "venueId": _string(
+            required("venueId"), "venueId", non_empty=True, max_length=MAX_ID_LENGTH
+        ),
+        "partySize": _integer(required("partySize"), "partySize", minimum=1),
+        "status": _string(required("status"), "status", non_empty=True),
+    }
+    tables = required("tables")
+    if not isinstance(tables, list):
+        raise ContractError("tables", f"must be an array of strings, got {_kind(tables)}")
+    state["tables"] = [
+        _string(table, f"tables[{i}]", non_empty=True) for i, table in enumerate(tables)
+    ]
+    state["date"] = _integer(required("date"), "date", minimum=0)
+    if not _absent(data, "prepayment", "prepayment", strict=strict):
+        state["prepayment"] = _number(data["prepayment"], "prepayment")
+    if not _absent(data, "contact", "contact", strict=strict):
+        contact = _contact(data["contact"], strict=strict)
+        if contact:
+            state["contact"] = contact
+    if not _absent(data, "notes", "notes", strict=strict):
+        state["notes"] = _string(data["notes"], "notes", non_empty=False)
+    if not _absent(data, "items", "items", strict=strict):
+        items = _items(data["items"], strict=strict)
+        if items:
+            state["items"] = items
+    return state
+
+
+def parse_row(
+    payload_text: str | None,
+    *,
+    booking_id: str,
+    venue_id: str,
+    send_items: bool = True,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> State:
+    """Parse an outbox row's payload column and check it against the row's own columns."""
+    if payload_text is None:
+        raise ContractError("payload", "is null")
+    if len(payload_text.encode("utf-8", "surrogatepass")) > max_payload_bytes:
+        raise ContractError("payload", f"is larger than the {max_payload_bytes}-byte limit")
+    try:
+        data = json.loads(payload_text)
+    except (ValueError, RecursionError):
+        raise ContractError("payload", "is not valid JSON") from None
+    state = parse_state(data)
+    if state["bookingId"] != booking_id:
+        raise ContractError("bookingId", "does not match the row's booking_id column")
+    if state["venueId"] != venue_id:
+        raise ContractError("venueId", "does not match the row's venue_id column")
+    if not send_items:
+        state.pop("items", None)
+    if len(serialize(state)) > max_payload_bytes:
+        raise ContractError("payload", f"is larger than the {max_payload_bytes}-byte limit")
+    return state
+
+
+def serialize(state: State) -> bytes:
+    """The exact JSON body Mozrest receives: compact, UTF-8, documented key order."""
+    return json.dumps(state, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def canonical(state: State) -> State:
+    """The state as compared: numbers by value, optional absences already normalised away."""
+    return {key: _canonical_value(value) for key, value in state.items()}
+
+
+def _canonical_value(value: Any) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        # 50 and 50.0 are the same amount; JSON numbers carry no type.
+        return float(value) if isinstance(value, float) and not value.is_integer() else int(value)
+    if isinstance(value, list):
+        return [_canonical_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _canonical_value(v) for k, v in value.items()}
+    return value
+
+
+def states_equal(a: State | None, b: State | None) -> bool:
+    """Canonical equality: what Mozrest would see as the same booking state."""
+    if a is None or b is None:
+        return a is b
+    return canonical(a) == canonical(b)
+
+
+def changed_fields(old: State | None, new: State) -> list[str]:
+    """The top-level fields that differ between two states, in documented order."""
+    if old is None:
+        return [key for key in FIELDS if key in new]
+    old_c, new_c = canonical(old), canonical(new)
+    return [key for key in FIELDS if old_c.get(key) != new_c.get(key)]
+
+
+def delivery_warnings(old: State | None, new: State) -> list[str]:
+    """Warnings an operator should see on a delivery of `new` after `old`."""
+    if old is not None and old.get("items") and not new.get("items"):
+        return [
+            "items were emptied: Mozrest keeps previously sent items when items is omitted, "
+            "so the POS may still hold them"
+        ]
+    return []

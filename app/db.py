@@ -1,0 +1,157 @@
+"""Database plumbing: the async engine per dialect, UTC timestamps, the naming convention."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Integer, MetaData, event
+from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.pool import NullPool
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: Execution option marking a connection as a reader (SQLite begins it DEFERRED, not IMMEDIATE).
+READ_ONLY = "mozrest_read_only"
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+#: Big integer ids that still auto-increment on SQLite (only INTEGER PRIMARY KEY does there).
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+#: JSON documents: `jsonb` on PostgreSQL, as SPEC section 2 fixes for the outbox.
+JsonDocument = JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC in Python, whatever the backend stores."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "mysql":
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):  # raw SQLite text, e.g. from a server default
+            value = datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class utcnow(FunctionElement[datetime]):
+    """The database's current UTC time with sub-second precision, on every backend."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(utcnow, "postgresql")
+def _utcnow_postgresql(element: utcnow, compiler: Any, **kw: Any) -> str:
+    return "now()"
+
+
+@compiles(utcnow, "sqlite")
+def _utcnow_sqlite(element: utcnow, compiler: Any, **kw: Any) -> str:
+    # Six fractional digits, the format SQLAlchemy itself writes, so text comparisons order right.
+    return "(strftime('%Y-%m-%d %H:%M:%f000', 'now'))"
+
+
+@compiles(utcnow, "mysql")
+def _utcnow_mysql(element: utcnow, compiler: Any, **kw: Any) -> str:
+    return "UTC_TIMESTAMP(6)"
+
+
+class clock_now(FunctionElement[datetime]):
+    """The database's wall clock now (not the transaction's start), for leases and due times."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(clock_now, "postgresql")
+def _clock_now_postgresql(element: clock_now, compiler: Any, **kw: Any) -> str:
+    return "clock_timestamp()"
+
+
+@compiles(clock_now, "sqlite")
+def _clock_now_sqlite(element: clock_now, compiler: Any, **kw: Any) -> str:
+    return "(strftime('%Y-%m-%d %H:%M:%f000', 'now'))"
+
+
+@compiles(clock_now, "mysql")
+def _clock_now_mysql(element: clock_now, compiler: Any, **kw: Any) -> str:
+    return "UTC_TIMESTAMP(6)"
+
+
+def create_engine(database_url: str, *, pool_size: int = 5, echo: bool = False) -> AsyncEngine:
+    """Create the async engine, with the per-dialect settings the relay's queries rely on."""
+    if database_url.startswith("sqlite"):
+        engine = create_async_engine(
+            database_url,
+            echo=echo,
+            connect_args={"timeout": 30},
+            # Each connection is a file handle; pooling them gains little and NullPool keeps
+            # a process from holding the write lock between transactions.
+            poolclass=NullPool if ":memory:" not in database_url else None,
+        )
+        _configure_sqlite(engine)
+        return engine
+    kwargs: dict[str, Any] = {
+        "echo": echo,
+        "pool_size": pool_size,
+        "max_overflow": pool_size,
+        "pool_pre_ping": True,
+        "pool_recycle": 1800,
+    }
+    if database_url.startswith("postgresql"):
+        # Statements are generated per batch size, so the prepared-statement cache stays small.
+        kwargs["connect_args"] = {
+            "server_settings": {"application_name": "mozrest-relay"},
+            "command_timeout": 60,
+        }
+    return create_async_engine(database_url, **kwargs)
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    """One writer at a time: every transaction begins IMMEDIATE, readers use WAL."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        # Let SQLAlchemy, not the driver, decide when a transaction begins.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # Writers take the lock up front, so a read-then-write transaction cannot fail to
+        # upgrade; readers (see `READ_ONLY`) begin deferred and never wait for a writer.
+        read_only = connection.get_execution_options().get(READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")

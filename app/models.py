@@ -1,0 +1,143 @@
+"""The relay's tables: `mozrest_outbox` is the RMS-facing contract (SPEC 2); the rest are ours."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    text,
+)
+
+from app.db import BigId, JsonDocument, UTCDateTime, metadata, utcnow
+
+#: Outcomes of an outbox row (SPEC section 2).
+OUTCOMES = ("queued", "unchanged", "held", "superseded", "invalid")
+#: Delivery statuses (SPEC section 3); `ACTIVE` ones may still be sent.
+STATUSES = ("pending", "retrying", "delivered", "dead", "superseded", "cancelled")
+ACTIVE_STATUSES = ("pending", "retrying")
+
+_active = "status IN ('pending', 'retrying')"
+
+outbox = Table(
+    "mozrest_outbox",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("booking_id", String(64), nullable=False),
+    Column("venue_id", String(64), nullable=False),
+    Column("payload", JsonDocument, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False, server_default=utcnow()),
+    Column("processed_at", UTCDateTime(), nullable=True),
+    Column("outcome", String(16), nullable=True),
+    Column("error", Text, nullable=True),
+    # The claim reads unprocessed rows in id order; a partial index keeps that cost independent
+    # of how many processed rows the table holds. MySQL has no partial indexes: see migrations.
+    Index(
+        "ix_mozrest_outbox_unprocessed",
+        "id",
+        postgresql_where=text("processed_at IS NULL"),
+        sqlite_where=text("processed_at IS NULL"),
+    ),
+    Index("ix_mozrest_outbox_booking_id", "booking_id", "id"),
+    Index("ix_mozrest_outbox_outcome", "outcome", "id"),
+    # Ids are watermarks (`mozrest_booking.last_outbox_id`): never reuse one after a prune.
+    sqlite_autoincrement=True,
+)
+
+booking = Table(
+    "mozrest_booking",
+    metadata,
+    Column("booking_id", String(64), primary_key=True),
+    Column("venue_id", String(64), nullable=False),
+    # Highest outbox id ingested for this booking: an older row arriving later is superseded.
+    Column("last_outbox_id", BigInteger, nullable=False),
+    # Highest outbox id whose state left for Mozrest; set means "sent once" (SPEC 3.6).
+    Column("sent_outbox_id", BigInteger, nullable=True),
+    # The snapshot: the state Mozrest last accepted.
+    Column("accepted_payload", JsonDocument, nullable=True),
+    Column("accepted_outbox_id", BigInteger, nullable=True),
+    Column("accepted_at", UTCDateTime(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False, server_default=utcnow()),
+    Column("updated_at", UTCDateTime(), nullable=False, server_default=utcnow()),
+    Index("ix_mozrest_booking_updated_at", "updated_at"),
+)
+
+delivery = Table(
+    "mozrest_delivery",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("booking_id", String(64), nullable=False),
+    Column("venue_id", String(64), nullable=False),
+    Column("outbox_id", BigInteger, nullable=False),
+    Column("payload", JsonDocument, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempt_count", Integer, nullable=False, server_default=text("0")),
+    Column("changed_fields", JsonDocument, nullable=False),
+    Column("warnings", JsonDocument, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False, server_default=utcnow()),
+    Column("updated_at", UTCDateTime(), nullable=False, server_default=utcnow()),
+    Column("next_attempt_at", UTCDateTime(), nullable=True),
+    Column("delivered_at", UTCDateTime(), nullable=True),
+    Column("last_status_code", Integer, nullable=True),
+    Column("last_error", Text, nullable=True),
+    # The claim: which process holds it and until when (database clock). Keep in step with
+    # `store.Store.claim_due`.
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_token", String(32), nullable=True),
+    Column("lease_expires_at", UTCDateTime(), nullable=True),
+    Column("outbox_created_at", UTCDateTime(), nullable=True),
+    Index(
+        "ix_mozrest_delivery_due",
+        "next_attempt_at",
+        postgresql_where=text(_active),
+        sqlite_where=text(_active),
+    ),
+    Index("ix_mozrest_delivery_booking_id", "booking_id", "id"),
+    Index("ix_mozrest_delivery_status", "status", "id"),
+    Index("ix_mozrest_delivery_venue_id", "venue_id", "id"),
+    sqlite_autoincrement=True,
+)
+
+attempt = Table(
+    "mozrest_attempt",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("delivery_id", BigInteger, nullable=False),
+    Column("worker_id", String(64), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("duration_ms", Integer, nullable=False),
+    Column("status_code", Integer, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("response_body", Text, nullable=True),
+    Index("ix_mozrest_attempt_delivery_id", "delivery_id", "id"),
+    sqlite_autoincrement=True,
+)
+
+worker = Table(
+    "mozrest_worker",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("hostname", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False, server_default=utcnow()),
+    Column("heartbeat_at", UTCDateTime(), nullable=False, server_default=utcnow()),
+    Column("stopped_at", UTCDateTime(), nullable=True),
+    Column("circuit", String(16), nullable=False, server_default=text("'closed'")),
+    Column("credentials", String(16), nullable=False, server_default=text("'ok'")),
+    Index("ix_mozrest_worker_heartbeat_at", "heartbeat_at"),
+)
+
+# One row per process-wide mutex; a transaction holds it with SELECT ... FOR UPDATE.
+lock = Table(
+    "mozrest_lock",
+    metadata,
+    Column("name", String(32), primary_key=True),
+)
+
+#: Rows of `mozrest_lock` the migrations create; keep in step with `store`.
+LOCK_NAMES = ("ingest", "maintenance")

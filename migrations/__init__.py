@@ -1,0 +1,1 @@
+"""The relay's Alembic history (packaged as `app.migrations`)."""

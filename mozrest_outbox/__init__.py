@@ -1,0 +1,55 @@
+"""Write a reservation's new state into the mozrest-relay outbox, inside the RMS's own transaction.
+
+This module depends on SQLAlchemy only, so an RMS can import it without importing the relay:
+
+    from mozrest_outbox import enqueue
+
+    with Session(engine) as session, session.begin():
+        reservation.status = "seated"       # the UPDATE that locks the reservation's row
+        session.flush()                      # ... must come before the outbox INSERT
+        enqueue(session, reservation_payload)
+
+`enqueue` adds one row to `mozrest_outbox` and neither flushes the RMS's other changes nor commits:
+the row commits, or rolls back, with the change it describes. For an `AsyncSession` use
+`await enqueue_async(session, payload)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, Column, String, Table, insert
+from sqlalchemy import MetaData as _MetaData
+from sqlalchemy.dialects.postgresql import JSONB
+
+__all__ = ["enqueue", "enqueue_async", "outbox_insert"]
+
+_outbox = Table(
+    "mozrest_outbox",
+    _MetaData(),
+    Column("booking_id", String(64)),
+    Column("venue_id", String(64)),
+    Column("payload", JSON().with_variant(JSONB(), "postgresql")),
+)
+
+
+def outbox_insert(payload: dict[str, Any]) -> Any:
+    """The INSERT statement for one booking state (for RMSs using SQLAlchemy Core)."""
+    if not isinstance(payload, dict):
+        raise TypeError("payload must be a dict in the Mozrest webhook shape")
+    booking_id, venue_id = payload.get("bookingId"), payload.get("venueId")
+    if not isinstance(booking_id, str) or not booking_id:
+        raise ValueError("payload['bookingId'] must be a non-empty string")
+    if not isinstance(venue_id, str) or not venue_id:
+        raise ValueError("payload['venueId'] must be a non-empty string")
+    return insert(_outbox).values(booking_id=booking_id, venue_id=venue_id, payload=payload)
+
+
+def enqueue(session: Any, payload: dict[str, Any]) -> None:
+    """Add the booking's full current state to the outbox in `session`'s transaction."""
+    session.execute(outbox_insert(payload))
+
+
+async def enqueue_async(session: Any, payload: dict[str, Any]) -> None:
+    """`enqueue` for an `AsyncSession` or `AsyncConnection`."""
+    await session.execute(outbox_insert(payload))

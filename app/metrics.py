@@ -1,0 +1,40 @@
+"""Prometheus metrics (SPEC section 7). Counters and histograms count this process's work; gauges
+describe the whole relay and are read from the database at scrape time."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+OUTBOX_ROWS = Counter(
+    "mozrest_relay_outbox_rows", "Outbox rows given an outcome, by outcome.", ["outcome"]
+)
+WEBHOOK_REQUESTS = Counter(
+    "mozrest_relay_webhook_requests",
+    "Webhook requests sent, by HTTP status (`error` when no answer came back).",
+    ["code"],
+)
+WEBHOOK_DURATION = Histogram(
+    "mozrest_relay_webhook_duration_seconds",
+    "Time from sending a webhook request to its answer.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+DELIVERY_LAG = Histogram(
+    "mozrest_relay_delivery_lag_seconds",
+    "Time from an outbox row's creation to Mozrest's acceptance of its state.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+DELIVERIES = Gauge("mozrest_relay_deliveries", "Deliveries by status (whole relay).", ["status"])
+OLDEST_PENDING_AGE = Gauge(
+    "mozrest_relay_oldest_pending_age_seconds",
+    "Age of the oldest delivery still waiting to be accepted, or of the oldest unprocessed "
+    "outbox row if older (whole relay); 0 when nothing waits.",
+)
+CIRCUIT_OPEN = Gauge(
+    "mozrest_relay_circuit_open",
+    "1 when a live relay process has its circuit open (Mozrest failing), else 0.",
+)
+#: Not exported: this process's own circuit, kept for the heartbeat and tests.
+CIRCUIT_OPEN_PROCESS = Gauge(
+    "mozrest_relay_process_circuit_open",
+    "1 when this process's circuit breaker is open.",
+)

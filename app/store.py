@@ -1,0 +1,814 @@
+"""All of the relay's SQL: ingest, claim, record, release, heartbeats, retention, admin reads.
+
+Concurrency rests on three rules (docs/adr/0002-claims-and-leases.md):
+
+1. One ingester at a time: ingest holds the `ingest` row of `mozrest_lock` (`FOR UPDATE SKIP
+   LOCKED`; SQLite's `BEGIN IMMEDIATE` is the same thing), so rows are decided in id order.
+2. The booking row is the booking's mutex: every transaction that changes a booking's deliveries
+   first locks its `mozrest_booking` row, always in `booking_id` order so two transactions
+   cannot deadlock. The claim skips locked bookings rather than waiting.
+3. A claim is a lease on one delivery (owner, token, expiry, all on the database clock). At most
+   one delivery per booking holds a live lease, and an outcome only moves a delivery whose lease
+   token still matches, so a process that lost its lease cannot undo its successor's work.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, ParamSpec, TypeVar
+
+from sqlalchemy import Text, bindparam, cast, delete, insert, select, update
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app.contract import ContractError, State, parse_row
+from app.db import READ_ONLY, clock_now
+from app.models import ACTIVE_STATUSES, attempt, booking, delivery, lock, outbox, worker
+from app.policy import BookingView, Outcome, RetryPolicy, Verdict, decide
+from app.store_admin import AdminQueries
+
+#: Attempts keep at most this much of Mozrest's answer (SPEC section 6).
+RESPONSE_BODY_LIMIT = 4096
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """The database could not be used right now (unreachable, restarting, timed out)."""
+
+
+def _translate_errors(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Turn driver and connection failures into `StoreError` at the store's boundary."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except (sa_exc.ProgrammingError, sa_exc.IntegrityError, sa_exc.DataError):
+            raise  # a bug or a schema problem: retrying will not help
+        except (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError, ConnectionError) as exc:
+            raise StoreError(f"{type(exc).__name__}: {_first_line(exc)}") from exc
+
+    return wrapper
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class IngestReport:
+    """What one ingest batch decided."""
+
+    rows: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    queued: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A leased delivery: this process may POST `payload` until `lease_expires_at`."""
+
+    delivery_id: int
+    booking_id: str
+    venue_id: str
+    outbox_id: int
+    payload: State
+    attempt_count: int
+    created_at: datetime
+    outbox_created_at: datetime | None
+    lease_token: str
+    lease_expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """One webhook request and Mozrest's answer, or the lack of one."""
+
+    claim: Claim
+    verdict: Verdict
+    started_at: datetime
+    duration_ms: int
+    status_code: int | None = None
+    error: str | None = None
+    response_body: str | None = None
+    retry_after_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """How a recorded attempt left its delivery, for logs and metrics."""
+
+    delivery_id: int
+    booking_id: str
+    status: str | None
+    """The delivery's new status, or None when this process no longer held the lease."""
+    next_attempt_at: datetime | None = None
+    lag_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    id: str
+    hostname: str
+    pid: int
+    role: str
+
+
+class Store(AdminQueries):
+    """The relay's only door to the database. Methods are transactions."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        send_statuses: frozenset[str] = frozenset({"seated"}),
+        send_items: bool = True,
+        max_payload_bytes: int = 65536,
+        retry_policy: RetryPolicy | None = None,
+        credentials_cooldown_seconds: float = 10.0,
+    ) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self.send_statuses = send_statuses
+        self.send_items = send_items
+        self.max_payload_bytes = max_payload_bytes
+        self.retry_policy = retry_policy or RetryPolicy()
+        self.credentials_cooldown_seconds = credentials_cooldown_seconds
+        self._reader = engine.execution_options(**{READ_ONLY: True})
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        async with self._reader.connect() as conn:
+            yield conn
+
+    @staticmethod
+    async def _now(conn: AsyncConnection) -> datetime:
+        value: datetime = (await conn.execute(select(clock_now()))).scalar_one()
+        return value
+
+    async def _take_lock(self, conn: AsyncConnection, name: str) -> bool:
+        """Hold the named process-wide mutex for this transaction, or False if another has it."""
+        row = (
+            await conn.execute(
+                select(lock.c.name).where(lock.c.name == name).with_for_update(skip_locked=True)
+            )
+        ).first()
+        return row is not None
+
+    async def _lock_bookings(
+        self, conn: AsyncConnection, booking_ids: Iterable[str], *, skip_locked: bool = False
+    ) -> dict[str, Any]:
+        """Lock booking rows in `booking_id` order (the deadlock-free order) and return them."""
+        ids = sorted(set(booking_ids))
+        if not ids:
+            return {}
+        rows = await conn.execute(
+            select(booking)
+            .where(booking.c.booking_id.in_(ids))
+            .order_by(booking.c.booking_id)
+            .with_for_update(skip_locked=skip_locked)
+        )
+        return {row.booking_id: row for row in rows}
+
+    @staticmethod
+    async def _active_deliveries(
+        conn: AsyncConnection, booking_ids: Iterable[str]
+    ) -> dict[str, list[Any]]:
+        """Pending and retrying deliveries of these bookings, oldest state first."""
+        ids = sorted(set(booking_ids))
+        grouped: dict[str, list[Any]] = defaultdict(list)
+        if not ids:
+            return grouped
+        rows = await conn.execute(
+            select(
+                delivery.c.id,
+                delivery.c.booking_id,
+                delivery.c.outbox_id,
+                delivery.c.payload,
+                delivery.c.status,
+                delivery.c.next_attempt_at,
+                delivery.c.lease_expires_at,
+            )
+            .where(delivery.c.booking_id.in_(ids), delivery.c.status.in_(ACTIVE_STATUSES))
+            .order_by(delivery.c.outbox_id, delivery.c.id)
+        )
+        for row in rows:
+            grouped[row.booking_id].append(row)
+        return grouped
+
+    # -- ingest ---------------------------------------------------------------------------
+
+    @_translate_errors
+    async def ingest(self, *, limit: int) -> IngestReport | None:
+        """Give the oldest unprocessed outbox rows their outcome; None if another process is
+        ingesting right now."""
+        async with self._write() as conn:
+            if not await self._take_lock(conn, "ingest"):
+                return None
+            rows = (
+                await conn.execute(
+                    select(
+                        outbox.c.id,
+                        outbox.c.booking_id,
+                        outbox.c.venue_id,
+                        cast(outbox.c.payload, Text).label("payload_text"),
+                        outbox.c.created_at,
+                    )
+                    .where(outbox.c.processed_at.is_(None))
+                    .order_by(outbox.c.id)
+                    .limit(limit)
+                )
+            ).all()
+            if not rows:
+                return IngestReport()
+            now = await self._now(conn)
+            outcomes: dict[int, tuple[Outcome, str | None]] = {}
+            newest: dict[str, tuple[Any, State]] = {}
+            for row in rows:
+                try:
+                    state = parse_row(
+                        row.payload_text,
+                        booking_id=row.booking_id,
+                        venue_id=row.venue_id,
+                        send_items=self.send_items,
+                        max_payload_bytes=self.max_payload_bytes,
+                    )
+                except ContractError as exc:
+                    outcomes[row.id] = (Outcome.INVALID, str(exc))
+                    continue
+                previous = newest.get(row.booking_id)
+                if previous is not None:
+                    outcomes[previous[0].id] = (Outcome.SUPERSEDED, None)
+                newest[row.booking_id] = (row, state)
+
+            bookings = await self._lock_bookings(conn, newest)
+            active = await self._active_deliveries(conn, newest)
+            new_bookings: list[dict[str, Any]] = []
+            touched_bookings: list[dict[str, Any]] = []
+            new_deliveries: list[dict[str, Any]] = []
+            superseded: list[int] = []
+            for booking_id in sorted(newest):
+                row, state = newest[booking_id]
+                known = bookings.get(booking_id)
+                if known is not None and row.id <= known.last_outbox_id:
+                    outcomes[row.id] = (Outcome.SUPERSEDED, None)
+                    continue
+                in_flight = [d for d in active[booking_id] if _leased(d, now)]
+                queued = [d for d in active[booking_id] if not _leased(d, now)]
+                # Only the newest queued state matters; older ones (left by a crash) go now.
+                superseded.extend(d.id for d in queued[:-1])
+                view = BookingView(
+                    accepted=known.accepted_payload if known is not None else None,
+                    in_flight=in_flight[-1].payload if in_flight else None,
+                    queued=queued[-1].payload if queued else None,
+                    sent_once=known is not None and known.sent_outbox_id is not None,
+                )
+                decision = decide(state, view, self.send_statuses)
+                outcomes[row.id] = (decision.outcome, None)
+                if decision.supersede_queued and queued:
+                    superseded.append(queued[-1].id)
+                if decision.outcome is Outcome.QUEUED:
+                    new_deliveries.append(
+                        {
+                            "booking_id": booking_id,
+                            "venue_id": row.venue_id,
+                            "outbox_id": row.id,
+                            "payload": state,
+                            "status": "pending",
+                            "attempt_count": 0,
+                            "changed_fields": decision.changed_fields,
+                            "warnings": decision.warnings,
+                            "created_at": now,
+                            "updated_at": now,
+                            # Behind a request still on the wire, it waits for that one's
+                            # outcome (`record` wakes it) or, at worst, for its lease to end.
+                            "next_attempt_at": in_flight[-1].lease_expires_at if in_flight else now,
+                            "outbox_created_at": row.created_at,
+                        }
+                    )
+                values = {
+                    "booking_id": booking_id,
+                    "venue_id": row.venue_id,
+                    "last_outbox_id": row.id,
+                }
+                (touched_bookings if known is not None else new_bookings).append(values)
+
+            if new_bookings:
+                await conn.execute(
+                    insert(booking),
+                    [dict(b, created_at=now, updated_at=now) for b in new_bookings],
+                )
+            if touched_bookings:
+                await conn.execute(
+                    update(booking)
+                    .where(booking.c.booking_id == bindparam("b_booking_id"))
+                    .values(last_outbox_id=bindparam("b_last_outbox_id"), updated_at=now),
+                    [
+                        {"b_booking_id": b["booking_id"], "b_last_outbox_id": b["last_outbox_id"]}
+                        for b in touched_bookings
+                    ],
+                )
+            if superseded:
+                await conn.execute(
+                    update(delivery)
+                    .where(delivery.c.id.in_(superseded))
+                    .values(status="superseded", updated_at=now, next_attempt_at=None)
+                )
+            if new_deliveries:
+                await conn.execute(insert(delivery), new_deliveries)
+            await self._mark_processed(conn, outcomes, now)
+            return IngestReport(
+                rows=len(rows),
+                outcomes=Counter(str(outcome) for outcome, _ in outcomes.values()),
+                queued=len(new_deliveries),
+            )
+
+    @staticmethod
+    async def _mark_processed(
+        conn: AsyncConnection, outcomes: dict[int, tuple[Outcome, str | None]], now: datetime
+    ) -> None:
+        by_outcome: dict[Outcome, list[int]] = defaultdict(list)
+        errors: list[dict[str, Any]] = []
+        for row_id, (outcome, error) in outcomes.items():
+            if error is None:
+                by_outcome[outcome].append(row_id)
+            else:
+                errors.append({"o_id": row_id, "o_outcome": str(outcome), "o_error": error})
+        for outcome, ids in by_outcome.items():
+            await conn.execute(
+                update(outbox)
+                .where(outbox.c.id.in_(ids))
+                .values(processed_at=now, outcome=str(outcome))
+            )
+        if errors:
+            await conn.execute(
+                update(outbox)
+                .where(outbox.c.id == bindparam("o_id"))
+                .values(
+                    processed_at=now, outcome=bindparam("o_outcome"), error=bindparam("o_error")
+                ),
+                errors,
+            )
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    @_translate_errors
+    async def claim_due(self, *, worker_id: str, limit: int, lease_seconds: float) -> list[Claim]:
+        """Lease up to `limit` due deliveries, at most one per booking across all processes."""
+        if limit <= 0:
+            return []
+        async with self._write() as conn:
+            now = await self._now(conn)
+            candidates = (
+                (
+                    await conn.execute(
+                        select(delivery.c.booking_id)
+                        .where(
+                            delivery.c.status.in_(ACTIVE_STATUSES),
+                            delivery.c.next_attempt_at <= now,
+                        )
+                        .order_by(delivery.c.next_attempt_at)
+                        .limit(limit * 2)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if not candidates:
+                return []
+            bookings = await self._lock_bookings(conn, candidates, skip_locked=True)
+            active = await self._active_deliveries(conn, bookings)
+            expires = now + timedelta(seconds=lease_seconds)
+            token = uuid.uuid4().hex
+            chosen: list[Any] = []
+            stale: list[int] = []
+            # Oldest due first, as the candidates came.
+            for booking_id in dict.fromkeys(candidates):
+                if booking_id not in bookings or len(chosen) >= limit:
+                    continue
+                deliveries = active.get(booking_id, [])
+                if not deliveries or any(_leased(d, now) for d in deliveries):
+                    continue  # one request per booking at a time
+                newest = deliveries[-1]
+                stale.extend(d.id for d in deliveries[:-1])
+                sent = bookings[booking_id].sent_outbox_id
+                if sent is not None and newest.outbox_id < sent:
+                    stale.append(newest.id)  # never send a state older than one already sent
+                    continue
+                if newest.next_attempt_at is None or newest.next_attempt_at > now:
+                    continue
+                chosen.append(newest)
+            if stale:
+                await conn.execute(
+                    update(delivery)
+                    .where(delivery.c.id.in_(stale))
+                    .values(status="superseded", updated_at=now, next_attempt_at=None)
+                )
+            if not chosen:
+                return []
+            ids = [d.id for d in chosen]
+            # Due again exactly when the lease ends: a crashed owner's work is then taken over
+            # by whoever claims next, with no sweeper.
+            await conn.execute(
+                update(delivery)
+                .where(delivery.c.id.in_(ids))
+                .values(
+                    lease_owner=worker_id,
+                    lease_token=token,
+                    lease_expires_at=expires,
+                    next_attempt_at=expires,
+                    updated_at=now,
+                )
+            )
+            await conn.execute(
+                update(booking)
+                .where(booking.c.booking_id == bindparam("b_booking_id"))
+                .values(sent_outbox_id=bindparam("b_outbox_id"), updated_at=now),
+                [{"b_booking_id": d.booking_id, "b_outbox_id": d.outbox_id} for d in chosen],
+            )
+            rows = await conn.execute(
+                select(
+                    delivery.c.id,
+                    delivery.c.booking_id,
+                    delivery.c.venue_id,
+                    delivery.c.outbox_id,
+                    delivery.c.payload,
+                    delivery.c.attempt_count,
+                    delivery.c.created_at,
+                    delivery.c.outbox_created_at,
+                ).where(delivery.c.id.in_(ids))
+            )
+            return [
+                Claim(
+                    delivery_id=row.id,
+                    booking_id=row.booking_id,
+                    venue_id=row.venue_id,
+                    outbox_id=row.outbox_id,
+                    payload=row.payload,
+                    attempt_count=row.attempt_count,
+                    created_at=row.created_at,
+                    outbox_created_at=row.outbox_created_at,
+                    lease_token=token,
+                    lease_expires_at=expires,
+                )
+                for row in rows
+            ]
+
+    @_translate_errors
+    async def record(self, results: Sequence[AttemptResult], *, worker_id: str) -> list[Settled]:
+        """Store attempts and move their deliveries on: delivered, retrying, dead, superseded."""
+        if not results:
+            return []
+        async with self._write() as conn:
+            now = await self._now(conn)
+            bookings = await self._lock_bookings(conn, (r.claim.booking_id for r in results))
+            active = await self._active_deliveries(conn, bookings)
+            current = {
+                row.id: row
+                for row in await conn.execute(
+                    select(delivery.c.id, delivery.c.status, delivery.c.lease_token).where(
+                        delivery.c.id.in_([r.claim.delivery_id for r in results])
+                    )
+                )
+            }
+            await conn.execute(
+                insert(attempt),
+                [
+                    {
+                        "delivery_id": r.claim.delivery_id,
+                        "worker_id": worker_id,
+                        "started_at": r.started_at,
+                        "duration_ms": r.duration_ms,
+                        "status_code": r.status_code,
+                        "error": r.error,
+                        "response_body": _cut(r.response_body),
+                    }
+                    for r in results
+                ],
+            )
+            changes: list[dict[str, Any]] = []
+            snapshots: list[dict[str, Any]] = []
+            settled: list[Settled] = []
+            finished_bookings: set[str] = set()
+            for result in results:
+                claim = result.claim
+                row = current.get(claim.delivery_id)
+                owned = (
+                    row is not None
+                    and row.lease_token == claim.lease_token
+                    and row.status in ACTIVE_STATUSES
+                )
+                if result.verdict is Verdict.DELIVERED:
+                    snapshots.append(
+                        {
+                            "s_booking_id": claim.booking_id,
+                            "s_outbox_id": claim.outbox_id,
+                            "s_payload": claim.payload,
+                        }
+                    )
+                if not owned:
+                    settled.append(Settled(claim.delivery_id, claim.booking_id, None))
+                    continue
+                finished_bookings.add(claim.booking_id)
+                newer_waiting = any(
+                    d.outbox_id > claim.outbox_id for d in active.get(claim.booking_id, [])
+                )
+                status, next_at, delivered_at, lag = self._settle(result, now, newer_waiting)
+                changes.append(
+                    {
+                        "c_id": claim.delivery_id,
+                        "c_status": status,
+                        "c_next_attempt_at": next_at,
+                        "c_delivered_at": delivered_at,
+                        "c_status_code": result.status_code,
+                        "c_error": result.error,
+                    }
+                )
+                settled.append(Settled(claim.delivery_id, claim.booking_id, status, next_at, lag))
+            if changes:
+                await conn.execute(
+                    update(delivery)
+                    .where(delivery.c.id == bindparam("c_id"))
+                    .values(
+                        status=bindparam("c_status"),
+                        attempt_count=delivery.c.attempt_count + 1,
+                        next_attempt_at=bindparam("c_next_attempt_at"),
+                        delivered_at=bindparam("c_delivered_at"),
+                        last_status_code=bindparam("c_status_code"),
+                        last_error=bindparam("c_error"),
+                        lease_owner=None,
+                        lease_token=None,
+                        lease_expires_at=None,
+                        updated_at=now,
+                    ),
+                    changes,
+                )
+            if snapshots:
+                await conn.execute(
+                    update(booking)
+                    .where(
+                        booking.c.booking_id == bindparam("s_booking_id"),
+                        (booking.c.accepted_outbox_id.is_(None))
+                        | (booking.c.accepted_outbox_id <= bindparam("s_outbox_id")),
+                    )
+                    .values(
+                        accepted_payload=bindparam("s_payload"),
+                        accepted_outbox_id=bindparam("s_outbox_id"),
+                        accepted_at=now,
+                        updated_at=now,
+                    ),
+                    snapshots,
+                )
+            await self._wake_waiting(conn, finished_bookings, results, now)
+            return settled
+
+    def _settle(
+        self, result: AttemptResult, now: datetime, newer_waiting: bool
+    ) -> tuple[str, datetime | None, datetime | None, float | None]:
+        """(status, next_attempt_at, delivered_at, lag seconds) for an owned delivery."""
+        claim = result.claim
+        if result.verdict is Verdict.DELIVERED:
+            lag = (
+                (now - claim.outbox_created_at).total_seconds()
+                if claim.outbox_created_at is not None
+                else None
+            )
+            return "delivered", None, now, lag
+        if result.verdict is Verdict.DEAD:
+            return "dead", None, None, None
+        if newer_waiting:
+            return "superseded", None, None, None  # only the newest state needs to land
+        if result.verdict is Verdict.CREDENTIALS_REJECTED:
+            # Our credentials, not the booking: wait for them, never dead-letter for it.
+            return (
+                "retrying",
+                now + timedelta(seconds=self.credentials_cooldown_seconds),
+                None,
+                None,
+            )
+        deadline = claim.created_at + timedelta(seconds=self.retry_policy.max_age_seconds)
+        if now >= deadline:
+            return "dead", None, None, None
+        delay = self.retry_policy.delay_seconds(
+            claim.attempt_count + 1, retry_after_seconds=result.retry_after_seconds
+        )
+        next_at = now + timedelta(seconds=delay)
+        if result.retry_after_seconds is None:
+            next_at = min(next_at, deadline)  # one last try at the deadline
+        return "retrying", next_at, None, None
+
+    @staticmethod
+    async def _wake_waiting(
+        conn: AsyncConnection,
+        booking_ids: set[str],
+        results: Sequence[AttemptResult],
+        now: datetime,
+    ) -> None:
+        """A booking's request finished: a newer state queued behind it may go now."""
+        if not booking_ids:
+            return
+        await conn.execute(
+            update(delivery)
+            .where(
+                delivery.c.booking_id.in_(sorted(booking_ids)),
+                delivery.c.status == "pending",
+                delivery.c.lease_token.is_(None),
+                delivery.c.next_attempt_at > now,
+                delivery.c.id.not_in([r.claim.delivery_id for r in results]),
+            )
+            .values(next_attempt_at=now)
+        )
+
+    @_translate_errors
+    async def release(self, claims: Sequence[Claim]) -> None:
+        """Give claims back unsent (shutdown, open circuit): no attempt is counted."""
+        if not claims:
+            return
+        async with self._write() as conn:
+            now = await self._now(conn)
+            await conn.execute(
+                update(delivery)
+                .where(
+                    delivery.c.id == bindparam("r_id"),
+                    delivery.c.lease_token == bindparam("r_token"),
+                )
+                .values(
+                    lease_owner=None,
+                    lease_token=None,
+                    lease_expires_at=None,
+                    next_attempt_at=now,
+                    updated_at=now,
+                ),
+                [{"r_id": c.delivery_id, "r_token": c.lease_token} for c in claims],
+            )
+
+    # -- processes ------------------------------------------------------------------------
+
+    @_translate_errors
+    async def register_worker(self, info: WorkerInfo) -> None:
+        async with self._write() as conn:
+            now = await self._now(conn)
+            await conn.execute(
+                insert(worker).values(
+                    id=info.id,
+                    hostname=info.hostname,
+                    pid=info.pid,
+                    role=info.role,
+                    started_at=now,
+                    heartbeat_at=now,
+                )
+            )
+
+    @_translate_errors
+    async def heartbeat(self, worker_id: str, *, circuit: str, credentials: str) -> None:
+        async with self._write() as conn:
+            now = await self._now(conn)
+            await conn.execute(
+                update(worker)
+                .where(worker.c.id == worker_id)
+                .values(heartbeat_at=now, circuit=circuit, credentials=credentials)
+            )
+
+    @_translate_errors
+    async def mark_stopped(self, worker_id: str) -> None:
+        async with self._write() as conn:
+            now = await self._now(conn)
+            await conn.execute(
+                update(worker).where(worker.c.id == worker_id).values(stopped_at=now)
+            )
+
+    # -- retention ------------------------------------------------------------------------
+
+    @_translate_errors
+    async def prune(self, *, retention_seconds: float, batch_size: int = 500) -> Counter[str]:
+        """Delete one small batch of terminal rows and idle snapshots older than retention."""
+        removed: Counter[str] = Counter()
+        async with self._write() as conn:
+            if not await self._take_lock(conn, "maintenance"):
+                return removed
+            now = await self._now(conn)
+            cutoff = now - timedelta(seconds=retention_seconds)
+            outbox_ids = (
+                (
+                    await conn.execute(
+                        select(outbox.c.id)
+                        .where(outbox.c.processed_at < cutoff)
+                        .order_by(outbox.c.id)
+                        .limit(batch_size)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if outbox_ids:
+                await conn.execute(delete(outbox).where(outbox.c.id.in_(outbox_ids)))
+                removed["outbox"] = len(outbox_ids)
+            delivery_ids = (
+                (
+                    await conn.execute(
+                        select(delivery.c.id)
+                        .where(
+                            delivery.c.status.not_in(ACTIVE_STATUSES),
+                            delivery.c.updated_at < cutoff,
+                        )
+                        .order_by(delivery.c.id)
+                        .limit(batch_size)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if delivery_ids:
+                await conn.execute(delete(attempt).where(attempt.c.delivery_id.in_(delivery_ids)))
+                await conn.execute(delete(delivery).where(delivery.c.id.in_(delivery_ids)))
+                removed["deliveries"] = len(delivery_ids)
+            await conn.execute(
+                delete(worker).where(worker.c.heartbeat_at < now - timedelta(days=1))
+            )
+        # Snapshots hold guest personal data. Pruning one races with ingest deciding against it,
+        # so it happens under the ingest lock, in its own short transaction.
+        async with self._write() as conn:
+            if not await self._take_lock(conn, "ingest"):
+                return removed
+            now = await self._now(conn)
+            cutoff = now - timedelta(seconds=retention_seconds)
+            idle = (
+                (
+                    await conn.execute(
+                        select(booking.c.booking_id)
+                        .where(booking.c.updated_at < cutoff)
+                        .order_by(booking.c.updated_at)
+                        .limit(batch_size)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if idle:
+                busy = set(
+                    (
+                        await conn.execute(
+                            select(delivery.c.booking_id).where(
+                                delivery.c.booking_id.in_(idle),
+                                delivery.c.status.in_(ACTIVE_STATUSES),
+                            )
+                        )
+                    ).scalars()
+                )
+                unprocessed = set(
+                    (
+                        await conn.execute(
+                            select(outbox.c.booking_id).where(
+                                outbox.c.booking_id.in_(idle), outbox.c.processed_at.is_(None)
+                            )
+                        )
+                    ).scalars()
+                )
+                doomed = [b for b in idle if b not in busy and b not in unprocessed]
+                if doomed:
+                    await conn.execute(delete(booking).where(booking.c.booking_id.in_(doomed)))
+                    removed["bookings"] = len(doomed)
+        return removed
+
+    # -- health ---------------------------------------------------------------------------
+
+    @_translate_errors
+    async def ping(self) -> datetime:
+        async with self._read() as conn:
+            return await self._now(conn)
+
+    @_translate_errors
+    async def schema_revision(self) -> str | None:
+        from app.migrate import current_revision
+
+        async with self._read() as conn:
+            return await conn.run_sync(current_revision)
+
+
+def _leased(row: Any, now: datetime) -> bool:
+    return row.lease_expires_at is not None and row.lease_expires_at > now
+
+
+def _cut(body: str | None) -> str | None:
+    if body is None:
+        return None
+    encoded = body.encode("utf-8", "replace")
+    if len(encoded) <= RESPONSE_BODY_LIMIT:
+        return body
+    return encoded[:RESPONSE_BODY_LIMIT].decode("utf-8", "ignore")

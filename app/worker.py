@@ -1,0 +1,422 @@
+"""The relay's loop: ingest outbox rows, claim due deliveries, POST them, record the answers.
+
+No SQL and no HTTP here: the loop drives a `Store` and a `Publisher`. Four tasks share one process:
+ingest (outbox rows to outcomes and deliveries), dispatch (claims and requests, bounded by
+`concurrency`), record (answers to the database in batches) and housekeeping (heartbeat,
+retention). The circuit breaker and the credentials pause gate dispatch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from app import metrics
+from app.contract import serialize
+from app.logs import get_logger, log_event
+from app.policy import Breaker, Verdict, classify
+from app.publisher import Publisher
+from app.settings import LEASE_MARGIN_SECONDS, Settings
+from app.store import AttemptResult, Claim, Store, StoreError, WorkerInfo
+
+log = get_logger("worker")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """The tuning the loop needs, in seconds and counts."""
+
+    concurrency: int = 32
+    batch_size: int = 200
+    poll_interval_seconds: float = 0.05
+    lease_seconds: float = 30.0
+    http_timeout_seconds: float = 10.0
+    shutdown_grace_seconds: float = 15.0
+    heartbeat_interval_seconds: float = 5.0
+    circuit_threshold: int = 5
+    circuit_cooldown_seconds: float = 10.0
+    retention_seconds: float = 7 * 86400.0
+    maintenance_interval_seconds: float = 60.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerConfig:
+        return cls(
+            concurrency=settings.relay_concurrency,
+            batch_size=settings.relay_batch_size,
+            poll_interval_seconds=settings.relay_poll_interval,
+            lease_seconds=settings.relay_lease_seconds,
+            http_timeout_seconds=settings.relay_http_timeout,
+            shutdown_grace_seconds=settings.relay_shutdown_grace,
+            heartbeat_interval_seconds=settings.relay_heartbeat_interval,
+            circuit_threshold=settings.relay_circuit_threshold,
+            circuit_cooldown_seconds=settings.relay_circuit_cooldown,
+            retention_seconds=settings.relay_retention,
+        )
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class Worker:
+    """One relay process's worker. `run()` until `stop()`; it then drains within the grace."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        publisher: Publisher,
+        config: WorkerConfig,
+        worker_id: str | None = None,
+        ingest_wakeup: asyncio.Event | None = None,
+    ) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.config = config
+        self.id = worker_id or new_worker_id()
+        self.circuit = Breaker(
+            threshold=config.circuit_threshold, cooldown_seconds=config.circuit_cooldown_seconds
+        )
+        self.credentials = Breaker(threshold=1, cooldown_seconds=config.circuit_cooldown_seconds)
+        self._stopping = asyncio.Event()
+        self._ingest_wakeup = ingest_wakeup or asyncio.Event()
+        self._dispatch_wakeup = asyncio.Event()
+        self._state_changed = asyncio.Event()
+        self._results: asyncio.Queue[AttemptResult | None] = asyncio.Queue()
+        self._in_flight: dict[asyncio.Task[None], Claim] = {}
+        self._sending: set[int] = set()
+        self._probe_in_flight = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop claiming; `run()` then finishes or releases in-flight work and returns."""
+        self._stopping.set()
+        self._ingest_wakeup.set()
+        self._dispatch_wakeup.set()
+
+    def wake_ingest(self) -> None:
+        """New outbox rows may be waiting (a NOTIFY arrived)."""
+        self._ingest_wakeup.set()
+
+    @property
+    def circuit_state(self) -> str:
+        return str(self.circuit.state)
+
+    @property
+    def credentials_state(self) -> str:
+        return "ok" if self.credentials.closed else "rejected"
+
+    async def run(self) -> None:
+        info = WorkerInfo(id=self.id, hostname=socket.gethostname(), pid=os.getpid(), role="worker")
+        await self._with_retries(lambda: self.store.register_worker(info), "register")
+        log_event(log, logging.INFO, "worker.started", worker_id=self.id)
+        recorder = asyncio.create_task(self._record_loop(), name="record")
+        loops = [
+            asyncio.create_task(self._ingest_loop(), name="ingest"),
+            asyncio.create_task(self._dispatch_loop(), name="dispatch"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._maintenance_loop(), name="maintenance"),
+        ]
+        try:
+            await self._stopping.wait()
+        finally:
+            self._stopping.set()
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            await self._drain(recorder)
+            with contextlib.suppress(StoreError):
+                await asyncio.wait_for(self.store.mark_stopped(self.id), timeout=5)
+            log_event(log, logging.INFO, "worker.stopped", worker_id=self.id)
+
+    async def _drain(self, recorder: asyncio.Task[None]) -> None:
+        """Let requests on the wire finish within the grace; release what never left; record
+        every answer that came back."""
+        deadline = time.monotonic() + self.config.shutdown_grace_seconds
+        tasks = list(self._in_flight)
+        if tasks:
+            log_event(log, logging.INFO, "worker.draining", in_flight=len(tasks))
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+        unsent = [
+            claim
+            for task, claim in self._in_flight.items()
+            if claim.delivery_id not in self._sending
+        ]
+        for task in list(self._in_flight):
+            task.cancel()
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
+        # A request cut off mid-flight keeps its lease until it expires: it may still land, and a
+        # newer state must not overtake it. Claims that never left are released at once.
+        if unsent:
+            with contextlib.suppress(StoreError, TimeoutError):
+                await asyncio.wait_for(self.store.release(unsent), timeout=5)
+        self._results.put_nowait(None)  # the recorder stops after everything before this
+        try:
+            await asyncio.wait_for(recorder, timeout=max(deadline - time.monotonic(), 5.0))
+        except TimeoutError:
+            log_event(log, logging.ERROR, "worker.unrecorded", attempts=self._results.qsize())
+
+    async def _with_retries(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run a store call, riding out database outages until it succeeds or we stop."""
+
+        def log_retry(state: object) -> None:
+            outcome = getattr(state, "outcome", None)
+            error = outcome.exception() if outcome is not None else None
+            log_event(log, logging.WARNING, "store.unavailable", during=what, error=str(error))
+
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(StoreError),
+            wait=wait_exponential_jitter(initial=0.1, max=5.0),
+            before_sleep=log_retry,
+            reraise=True,
+        ):
+            with attempt:
+                return await call()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- ingest ---------------------------------------------------------------------------
+
+    async def _ingest_loop(self) -> None:
+        while not self._stopping.is_set():
+            report = await self._with_retries(
+                lambda: self.store.ingest(limit=self.config.batch_size), "ingest"
+            )
+            if report is not None and report.rows:
+                for outcome, count in report.outcomes.items():
+                    metrics.OUTBOX_ROWS.labels(outcome=outcome).inc(count)
+                log_event(
+                    log, logging.DEBUG, "outbox.ingested", rows=report.rows, **report.outcomes
+                )
+                if report.queued:
+                    self._dispatch_wakeup.set()
+                if report.rows >= self.config.batch_size:
+                    continue  # more rows are waiting
+            await self._wait(self._ingest_wakeup, self.config.poll_interval_seconds)
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def _free_slots(self) -> tuple[int, bool]:
+        """How many claims dispatch may make now, and whether they are a probe."""
+        if self.circuit.closed and self.credentials.closed:
+            return self.config.concurrency - len(self._in_flight), False
+        if self._probe_in_flight:
+            return 0, False
+        now = time.monotonic()
+        gates = [b for b in (self.circuit, self.credentials) if not b.closed]
+        if all(b.allows_probe(now) for b in gates):
+            return 1, True
+        return 0, False
+
+    async def _dispatch_loop(self) -> None:
+        while not self._stopping.is_set():
+            claimed_full = False
+            slots, probe = self._free_slots()
+            if slots > 0:
+                limit = min(slots, self.config.batch_size)
+                claims = await self._with_retries(
+                    functools.partial(
+                        self.store.claim_due,
+                        worker_id=self.id,
+                        limit=limit,
+                        lease_seconds=self.config.lease_seconds,
+                    ),
+                    "claim",
+                )
+                if probe and claims:
+                    self._probe_in_flight = True
+                    for gate in (self.circuit, self.credentials):
+                        if not gate.closed:
+                            gate.start_probe()
+                    log_event(log, logging.INFO, "circuit.probe", delivery_id=claims[0].delivery_id)
+                claimed_at = time.monotonic()
+                for claim in claims:
+                    task = asyncio.create_task(self._send(claim, claimed_at, probe=probe))
+                    self._in_flight[task] = claim
+                    task.add_done_callback(self._sent)
+                claimed_full = len(claims) == limit and not probe
+            if claimed_full:
+                await asyncio.sleep(0)  # let the requests start, then claim more
+                continue
+            await self._wait(self._dispatch_wakeup, self._dispatch_wait_seconds())
+
+    def _dispatch_wait_seconds(self) -> float:
+        if self.circuit.closed and self.credentials.closed:
+            return self.config.poll_interval_seconds
+        return min(self.config.poll_interval_seconds * 4, self.config.circuit_cooldown_seconds)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+        self._dispatch_wakeup.set()
+
+    async def _send(self, claim: Claim, claimed_at: float, *, probe: bool) -> None:
+        # The lease was granted on the database clock; this process measures from the grant.
+        remaining = self.config.lease_seconds - (time.monotonic() - claimed_at)
+        if remaining < self.config.http_timeout_seconds + LEASE_MARGIN_SECONDS:
+            with contextlib.suppress(StoreError):
+                await self.store.release([claim])
+            if probe:
+                self._end_probe(abandoned=True)
+            return
+        self._sending.add(claim.delivery_id)
+        try:
+            answer = await self.publisher.publish(serialize(claim.payload))
+        finally:
+            self._sending.discard(claim.delivery_id)
+        verdict = classify(answer.status_code)
+        metrics.WEBHOOK_REQUESTS.labels(
+            code=str(answer.status_code) if answer.status_code is not None else "error"
+        ).inc()
+        metrics.WEBHOOK_DURATION.observe(answer.duration_ms / 1000)
+        self._update_gates(verdict)
+        if probe:
+            self._end_probe(abandoned=False)
+        await self._results.put(
+            AttemptResult(
+                claim=claim,
+                verdict=verdict,
+                started_at=answer.started_at,
+                duration_ms=answer.duration_ms,
+                status_code=answer.status_code,
+                error=answer.error,
+                response_body=answer.body,
+                retry_after_seconds=answer.retry_after_seconds,
+            )
+        )
+
+    def _end_probe(self, *, abandoned: bool) -> None:
+        self._probe_in_flight = False
+        if abandoned:
+            now = time.monotonic()
+            self.circuit.abandon_probe(now)
+            self.credentials.abandon_probe(now)
+
+    def _update_gates(self, verdict: Verdict) -> None:
+        before = (self.circuit.state, self.credentials.state)
+        now = time.monotonic()
+        if verdict is Verdict.DELIVERED:
+            self.circuit.record_success()
+            self.credentials.record_success()
+        elif verdict is Verdict.RETRY:
+            self.circuit.record_failure(now)
+        elif verdict is Verdict.CREDENTIALS_REJECTED:
+            self.circuit.record_success()  # Mozrest answered: not an outage
+            self.credentials.record_failure(now)
+        else:
+            self.circuit.record_success()
+            self.credentials.abandon_probe(now)  # says nothing of our credentials
+        after = (self.circuit.state, self.credentials.state)
+        if after != before:
+            metrics.CIRCUIT_OPEN_PROCESS.set(0 if self.circuit.closed else 1)
+            log_event(
+                log,
+                logging.WARNING if after != ("closed", "closed") else logging.INFO,
+                "circuit.changed",
+                circuit=self.circuit_state,
+                credentials=self.credentials_state,
+            )
+            self._state_changed.set()
+
+    # -- record ---------------------------------------------------------------------------
+
+    async def _record_loop(self) -> None:
+        """Record answers in batches: whatever arrived while the previous batch was written."""
+        while True:
+            first = await self._results.get()
+            if first is None:
+                return
+            batch = [first]
+            last = False
+            while not self._results.empty() and len(batch) < self.config.batch_size:
+                item = self._results.get_nowait()
+                if item is None:
+                    last = True
+                    break
+                batch.append(item)
+            await self._record(batch)
+            if last:
+                return
+
+    async def _record(self, batch: list[AttemptResult]) -> None:
+        settled = await self._with_retries(
+            lambda: self.store.record(batch, worker_id=self.id), "record"
+        )
+        woke = False
+        for result, outcome in zip(batch, settled, strict=True):
+            fields = {
+                "delivery_id": outcome.delivery_id,
+                "booking_id": outcome.booking_id,
+                "status_code": result.status_code,
+            }
+            if outcome.status is None:
+                log_event(log, logging.WARNING, "delivery.lease_lost", **fields)
+            elif outcome.status == "delivered":
+                woke = True
+                if outcome.lag_seconds is not None:
+                    metrics.DELIVERY_LAG.observe(max(outcome.lag_seconds, 0.0))
+                log_event(log, logging.INFO, "delivery.accepted", **fields)
+            elif outcome.status == "retrying":
+                log_event(
+                    log,
+                    logging.INFO,
+                    "delivery.retry_scheduled",
+                    next_attempt_at=outcome.next_attempt_at.isoformat()
+                    if outcome.next_attempt_at
+                    else None,
+                    error=result.error,
+                    **fields,
+                )
+            elif outcome.status == "dead":
+                log_event(log, logging.WARNING, "delivery.dead", error=result.error, **fields)
+            else:
+                woke = True
+                log_event(log, logging.INFO, f"delivery.{outcome.status}", **fields)
+        if woke:
+            self._dispatch_wakeup.set()
+
+    # -- housekeeping ---------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(StoreError):
+                await self.store.heartbeat(
+                    self.id, circuit=self.circuit_state, credentials=self.credentials_state
+                )
+            self._state_changed.clear()
+            await self._wait(self._state_changed, self.config.heartbeat_interval_seconds)
+
+    async def _maintenance_loop(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(StoreError):
+                while not self._stopping.is_set():
+                    removed = await self.store.prune(
+                        retention_seconds=self.config.retention_seconds
+                    )
+                    if removed:
+                        log_event(log, logging.INFO, "retention.pruned", **removed)
+                    if max(removed.values(), default=0) < 500:
+                        break
+                    await asyncio.sleep(0.1)  # small batches: never hog the tables
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._stopping.wait(), timeout=self.config.maintenance_interval_seconds
+                )
+
+    @staticmethod
+    async def _wait(event: asyncio.Event, seconds: float) -> None:
+        """Wait until `event` is set or `seconds` pass, then re-arm it."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout=seconds)
+        event.clear()

@@ -1,0 +1,215 @@
+"""The admin HTTP API (SPEC section 6): health, metrics, and the operators' `/api/*` routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated
+
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app import __version__, metrics
+from app.logs import configure_logging, get_logger, log_event
+from app.migrate import head_revision
+from app.publisher import PartnerApi
+from app.runtime import build_engine, build_store, build_worker, start_listener
+from app.settings import Settings
+from app.store import Store, StoreError
+from app.worker import Worker
+
+log = get_logger("api")
+
+
+@dataclass
+class Runtime:
+    """What the routes share: settings, the store, the Partner API, and the worker if any."""
+
+    settings: Settings
+    store: Store
+    partner_api: PartnerApi
+    worker: Worker | None = None
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def require_admin(request: Request, runtime: RuntimeDep) -> None:
+    """`/api/*` needs `Authorization: Bearer $RELAY_ADMIN_TOKEN`; with no token set, it is shut."""
+    expected = runtime.settings.relay_admin_token
+    if expected is None:
+        raise HTTPException(503, "RELAY_ADMIN_TOKEN is not set")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), expected.encode()
+    ):
+        raise HTTPException(
+            401, "missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
+    """The admin API; with `with_worker` the same process also runs the worker."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = build_engine(settings)
+        store = build_store(settings, engine)
+        partner_api = PartnerApi(
+            base_url=settings.api_url,
+            api_key=settings.mozrest_api_key,
+            timeout_seconds=settings.relay_http_timeout,
+        )
+        runtime = Runtime(settings=settings, store=store, partner_api=partner_api)
+        app.state.runtime = runtime
+        worker_task: asyncio.Task[None] | None = None
+        listener: asyncio.Task[None] | None = None
+        if with_worker:
+            runtime.worker = build_worker(settings, store)
+            worker_task = asyncio.create_task(runtime.worker.run(), name="worker")
+            listener = await start_listener(settings, runtime.worker)
+        log_event(
+            log,
+            logging.INFO,
+            "api.started",
+            host=settings.relay_host,
+            port=settings.relay_port,
+            admin_token_set=settings.relay_admin_token is not None,
+        )
+        try:
+            yield
+        finally:
+            if runtime.worker is not None and worker_task is not None:
+                runtime.worker.stop()
+                await asyncio.gather(worker_task, return_exceptions=True)
+                await runtime.worker.publisher.aclose()
+            if listener is not None:
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
+            await partner_api.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="mozrest-relay admin API",
+        version=__version__,
+        description="Deliveries of reservation states to Mozrest: inspect, replay, monitor.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(StoreError)
+    async def _store_unavailable(request: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse({"detail": f"database unavailable: {exc}"}, status_code=503)
+
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process runs")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Readiness: database and schema; worker and Mozrest credentials as reasons",
+        responses={503: {"description": "database unreachable or schema not at head"}},
+    )
+    async def readyz(runtime: RuntimeDep) -> JSONResponse:
+        checks = await readiness_checks(runtime)
+        ready = checks["database"] == "ok" and checks["schema"] == "ok"
+        return JSONResponse(
+            {"status": "ready" if ready else "not_ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    async def metrics_endpoint(runtime: RuntimeDep) -> Response:
+        with contextlib.suppress(StoreError, asyncio.TimeoutError):
+            await asyncio.wait_for(refresh_gauges(runtime), timeout=2)
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    from app.routes import router
+
+    app.include_router(router, prefix="/api", dependencies=[Depends(require_admin)])
+    return app
+
+
+async def readiness_checks(runtime: Runtime) -> dict[str, str]:
+    """Each check is "ok" or a short reason."""
+    checks = {"database": "ok", "schema": "ok", "worker": "ok", "mozrest": "ok"}
+    try:
+        await asyncio.wait_for(runtime.store.ping(), timeout=2)
+    except (StoreError, TimeoutError) as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+        checks.update(database=f"unreachable: {reason}"[:200], schema="unknown: no database")
+    else:
+        try:
+            revision = await asyncio.wait_for(runtime.store.schema_revision(), timeout=2)
+        except (StoreError, TimeoutError):
+            revision = "?"
+        head = head_revision()
+        if revision is None:
+            checks["schema"] = "missing: run mozrest-relay migrate"
+        elif revision != head:
+            checks["schema"] = f"at {revision}, expected {head}: run mozrest-relay migrate"
+    if runtime.worker is not None:
+        if runtime.worker.credentials_state != "ok":
+            checks["mozrest"] = "credentials rejected (401): check MOZREST_WEBHOOK_TOKEN"
+        elif runtime.worker.circuit_state != "closed":
+            checks["mozrest"] = f"circuit {runtime.worker.circuit_state}: Mozrest is failing"
+    if checks["database"] == "ok":
+        try:
+            fleet = await asyncio.wait_for(
+                runtime.store.fleet_health(
+                    stale_after_seconds=3 * runtime.settings.relay_heartbeat_interval
+                ),
+                timeout=2,
+            )
+        except (StoreError, TimeoutError):
+            fleet = None
+        if fleet is not None:
+            if runtime.worker is None and fleet.live_workers == 0:
+                checks["worker"] = "no worker heartbeat recently"
+            if runtime.worker is None and checks["mozrest"] == "ok":
+                if fleet.credentials_rejected:
+                    checks["mozrest"] = "credentials rejected (401): check MOZREST_WEBHOOK_TOKEN"
+                elif fleet.circuit_open:
+                    checks["mozrest"] = "circuit open: Mozrest is failing"
+    return checks
+
+
+async def refresh_gauges(runtime: Runtime) -> None:
+    """Set the relay-wide gauges from the database."""
+    stats = await runtime.store.gauges(
+        stale_after_seconds=3 * runtime.settings.relay_heartbeat_interval
+    )
+    for status, count in stats.deliveries.items():
+        metrics.DELIVERIES.labels(status=status).set(count)
+    metrics.OLDEST_PENDING_AGE.set(stats.oldest_pending_age_seconds or 0.0)
+    metrics.CIRCUIT_OPEN.set(1 if stats.circuit != "closed" else 0)
+
+
+def serve(settings: Settings, *, with_worker: bool) -> None:
+    """Run the API (and the worker) under uvicorn until SIGTERM or SIGINT."""
+    configure_logging(level=settings.relay_log_level, fmt=settings.relay_log_format)
+    config = uvicorn.Config(
+        create_app(settings, with_worker=with_worker),
+        host=settings.relay_host,
+        port=settings.relay_port,
+        log_config=None,
+        access_log=False,
+        # The worker drains within RELAY_SHUTDOWN_GRACE during lifespan shutdown.
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
+    uvicorn.Server(config).run()
+
+
+__all__ = ["Runtime", "create_app", "serve"]

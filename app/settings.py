@@ -275,3 +275,37 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError("; ".join(_describe(dict(e)) for e in exc.errors())) from None
+
+
+def _default_text(name: str, field: Any) -> str:
+    if name in {"mozrest_webhook_url", "mozrest_api_url"}:
+        return "by `MOZREST_ENV`"
+    default = field.default
+    if default is None:
+        return "none"
+    if isinstance(default, frozenset):
+        return f"`{','.join(sorted(default))}`"
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if isinstance(default, float) and name not in {"relay_max_payload_bytes"}:
+        return f"`{_format_seconds(default)}`"
+    return f"`{default}`"
+
+
+def _format_seconds(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds * 1000)}ms"
+
+
+def configuration_markdown() -> str:
+    """The configuration reference table, generated from `Settings` so it cannot drift."""
+    lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        lines.append(f"| `{name.upper()}` | {_default_text(name, field)} | {field.description} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(configuration_markdown(), end="")

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
@@ -26,7 +27,7 @@ from app import metrics
 from app.contract import serialize
 from app.logs import get_logger, log_event
 from app.policy import Breaker, Verdict, classify
-from app.publisher import Publisher
+from app.publisher import Publisher, WebhookAnswer
 from app.settings import LEASE_MARGIN_SECONDS, Settings
 from app.store import AttemptResult, Claim, Store, StoreError, WorkerInfo
 
@@ -273,6 +274,14 @@ class Worker:
         self._sending.add(claim.delivery_id)
         try:
             answer = await self.publisher.publish(serialize(claim.payload))
+        except Exception as exc:  # a bug must not strand the claim: record it as a failed try
+            log.exception("delivery.publish_failed", extra={"delivery_id": claim.delivery_id})
+            answer = WebhookAnswer(
+                status_code=None,
+                duration_ms=int((time.monotonic() - claimed_at) * 1000),
+                started_at=datetime.now(UTC),
+                error=f"internal error: {type(exc).__name__}",
+            )
         finally:
             self._sending.discard(claim.delivery_id)
         verdict = classify(answer.status_code)

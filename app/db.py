@@ -27,6 +27,14 @@ READ_ONLY = "mozrest_read_only"
 
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
+#: MySQL/MariaDB table options: InnoDB for row locks, utf8mb4 for every script and emoji, and a
+#: binary collation so ids compare exactly ("AB12" is not "ab12").
+MYSQL_TABLE_OPTIONS = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
+
 #: Big integer ids that still auto-increment on SQLite (only INTEGER PRIMARY KEY does there).
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 #: JSON documents: `jsonb` on PostgreSQL, as SPEC section 2 fixes for the outbox.
@@ -82,7 +90,8 @@ def _utcnow_sqlite(element: utcnow, compiler: Any, **kw: Any) -> str:
 
 @compiles(utcnow, "mysql")
 def _utcnow_mysql(element: utcnow, compiler: Any, **kw: Any) -> str:
-    return "UTC_TIMESTAMP(6)"
+    # An expression default needs parentheses in MySQL 8 and MariaDB.
+    return "(UTC_TIMESTAMP(6))"
 
 
 class clock_now(FunctionElement[datetime]):
@@ -127,6 +136,11 @@ def create_engine(database_url: str, *, pool_size: int = 5, echo: bool = False) 
         "pool_pre_ping": True,
         "pool_recycle": 1800,
     }
+    if database_url.startswith("mysql"):
+        # Each statement sees the latest committed rows, as on PostgreSQL: the store's
+        # decisions read rows right after locking their booking.
+        kwargs["isolation_level"] = "READ COMMITTED"
+        kwargs["connect_args"] = {"charset": "utf8mb4"}
     if database_url.startswith("postgresql"):
         # Statements are generated per batch size, so the prepared-statement cache stays small.
         kwargs["connect_args"] = {

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -13,6 +15,23 @@ from sqlalchemy.engine import Connection
 import app.migrations
 
 VERSION_TABLE = "mozrest_alembic_version"
+
+
+def include_object_for(dialect_name: str) -> Callable[..., bool]:
+    """Alembic's filter: only the relay's tables, and only indexes built on this dialect."""
+
+    def include_object(
+        obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+    ) -> bool:
+        if type_ == "table":
+            return bool(name and name.startswith("mozrest_"))
+        ddl_if = getattr(obj, "_ddl_if", None) if not reflected else None
+        if ddl_if is not None and ddl_if.dialect is not None:
+            dialects = (ddl_if.dialect,) if isinstance(ddl_if.dialect, str) else ddl_if.dialect
+            return dialect_name in dialects
+        return True
+
+    return include_object
 
 
 def alembic_config(database_url: str | None = None) -> Config:

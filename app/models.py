@@ -13,7 +13,7 @@ from sqlalchemy import (
     text,
 )
 
-from app.db import BigId, JsonDocument, UTCDateTime, metadata, utcnow
+from app.db import MYSQL_TABLE_OPTIONS, BigId, JsonDocument, UTCDateTime, metadata, utcnow
 
 #: Outcomes of an outbox row (SPEC section 2).
 OUTCOMES = ("queued", "unchanged", "held", "superseded", "invalid")
@@ -41,11 +41,14 @@ outbox = Table(
         "id",
         postgresql_where=text("processed_at IS NULL"),
         sqlite_where=text("processed_at IS NULL"),
-    ),
+    ).ddl_if(dialect=("postgresql", "sqlite")),
+    # MySQL has no partial indexes; `processed_at IS NULL ORDER BY id` is a ref scan on this one.
+    Index("ix_mozrest_outbox_pending", "processed_at", "id").ddl_if(dialect="mysql"),
     Index("ix_mozrest_outbox_booking_id", "booking_id", "id"),
     Index("ix_mozrest_outbox_outcome", "outcome", "id"),
     # Ids are watermarks (`mozrest_booking.last_outbox_id`): never reuse one after a prune.
     sqlite_autoincrement=True,
+    **MYSQL_TABLE_OPTIONS,
 )
 
 booking = Table(
@@ -64,6 +67,7 @@ booking = Table(
     Column("created_at", UTCDateTime(), nullable=False, server_default=utcnow()),
     Column("updated_at", UTCDateTime(), nullable=False, server_default=utcnow()),
     Index("ix_mozrest_booking_updated_at", "updated_at"),
+    **MYSQL_TABLE_OPTIONS,
 )
 
 delivery = Table(
@@ -100,6 +104,7 @@ delivery = Table(
     Index("ix_mozrest_delivery_status", "status", "id"),
     Index("ix_mozrest_delivery_venue_id", "venue_id", "id"),
     sqlite_autoincrement=True,
+    **MYSQL_TABLE_OPTIONS,
 )
 
 attempt = Table(
@@ -115,6 +120,7 @@ attempt = Table(
     Column("response_body", Text, nullable=True),
     Index("ix_mozrest_attempt_delivery_id", "delivery_id", "id"),
     sqlite_autoincrement=True,
+    **MYSQL_TABLE_OPTIONS,
 )
 
 worker = Table(
@@ -130,6 +136,7 @@ worker = Table(
     Column("circuit", String(16), nullable=False, server_default=text("'closed'")),
     Column("credentials", String(16), nullable=False, server_default=text("'ok'")),
     Index("ix_mozrest_worker_heartbeat_at", "heartbeat_at"),
+    **MYSQL_TABLE_OPTIONS,
 )
 
 # One row per process-wide mutex; a transaction holds it with SELECT ... FOR UPDATE.
@@ -137,6 +144,7 @@ lock = Table(
     "mozrest_lock",
     metadata,
     Column("name", String(32), primary_key=True),
+    **MYSQL_TABLE_OPTIONS,
 )
 
 #: Rows of `mozrest_lock` the migrations create; keep in step with `store`.

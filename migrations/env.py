@@ -3,33 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+import warnings
 
 from alembic import context
 from sqlalchemy.engine import Connection
 
 from app import models  # noqa: F401 - registers the tables on `metadata`
 from app.db import create_engine, metadata
+from app.migrate import include_object_for
 
 #: The relay's history lives apart from any Alembic history the RMS keeps in the same database.
 VERSION_TABLE = "mozrest_alembic_version"
 
 
-def include_object(
-    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
-) -> bool:
-    """Look only at the relay's own tables: the RMS's tables share the database."""
-    if type_ == "table":
-        return bool(name and name.startswith("mozrest_"))
-    return True
-
-
 def _configure(connection: Connection) -> None:
+    # MySQL notes that primary keys cannot be named; the naming convention names them elsewhere.
+    warnings.filterwarnings("ignore", message=".*ignored for PRIMARY key")
+    logging.getLogger("asyncmy").addFilter(
+        lambda record: "ignored for PRIMARY key" not in record.getMessage()
+    )
     context.configure(
         connection=connection,
         target_metadata=metadata,
         version_table=VERSION_TABLE,
-        include_object=include_object,
+        include_object=include_object_for(connection.dialect.name),
         compare_type=True,
         render_as_batch=connection.dialect.name == "sqlite",
     )

@@ -112,7 +112,88 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+class MysqlDatabases:
+    """Creates databases by copying the tables of one migrated template (MySQL has no
+    `CREATE DATABASE ... TEMPLATE`)."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.template = f"mozrest_test_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        parsed = make_url(admin_url).set(drivername="mysql+pymysql", database=None)
+        self.engine = create_sync_engine(
+            parsed.render_as_string(hide_password=False), isolation_level="AUTOCOMMIT"
+        )
+        with self.engine.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE `{self.template}` CHARACTER SET utf8mb4"))
+        upgrade(self.url(self.template))
+        with self.engine.connect() as conn:
+            self.tables = [
+                row[0]
+                for row in conn.execute(
+                    text(
+                        "SELECT table_name FROM information_schema.tables WHERE table_schema = :s"
+                    ),
+                    {"s": self.template},
+                )
+            ]
+
+    def create(self, *, migrated: bool = True) -> str:
+        name = f"mozrest_test_{uuid.uuid4().hex[:12]}"
+        with self.engine.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
+            if migrated:
+                for table in self.tables:
+                    conn.execute(
+                        text(f"CREATE TABLE `{name}`.`{table}` LIKE `{self.template}`.`{table}`")
+                    )
+                    source = f"`{self.template}`.`{table}`"
+                    conn.execute(text(f"INSERT INTO `{name}`.`{table}` SELECT * FROM {source}"))
+        return name
+
+    def url(self, name: str) -> str:
+        parsed = make_url(self.admin_url).set(drivername="mysql+asyncmy", database=name)
+        return parsed.render_as_string(hide_password=False)
+
+    def drop(self, name: str) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+
+    def close(self) -> None:
+        self.drop(self.template)
+        self.engine.dispose()
+
+
+def _mysql_admin_url() -> str | None:
+    """A URL to a MariaDB/MySQL server, when the MySQL tests are on (TEST_MYSQL=1)."""
+    if os.environ.get("TEST_MYSQL") != "1":
+        return None
+    url = os.environ.get("TEST_MYSQL_URL") or "mysql://root@127.0.0.1:3306/"
+    parsed = make_url(url)
+    try:
+        with socket.create_connection((parsed.host or "127.0.0.1", parsed.port or 3306), 1):
+            pass
+    except OSError:
+        pytest.exit(f"TEST_MYSQL=1 but MariaDB/MySQL does not answer at {url}", 3)
+    return url
+
+
+@pytest.fixture(scope="session")
+def mysql() -> Iterator[MysqlDatabases | None]:
+    admin_url = _mysql_admin_url()
+    if admin_url is None:
+        yield None
+        return
+    databases = MysqlDatabases(admin_url)
+    try:
+        yield databases
+    finally:
+        databases.close()
+
+
+BACKENDS = ["sqlite", "postgresql"] + (["mysql"] if os.environ.get("TEST_MYSQL") == "1" else [])
+
+
+@pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -120,11 +201,20 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def database_url(
     backend: str,
-    postgres: PostgresDatabases | None,
+    request: pytest.FixtureRequest,
     sqlite_template: Path,
     tmp_path: Path,
 ) -> Iterator[str]:
     """A fresh database at the newest schema, on each backend."""
+    if backend == "mysql":
+        databases: MysqlDatabases = request.getfixturevalue("mysql")
+        name = databases.create()
+        try:
+            yield databases.url(name)
+        finally:
+            databases.drop(name)
+        return
+    postgres: PostgresDatabases | None = request.getfixturevalue("postgres")
     if backend == "sqlite":
         path = tmp_path / "relay.db"
         path.write_bytes(sqlite_template.read_bytes())

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from app.db import BigId, JsonDocument, UTCDateTime, utcnow
+from app.db import MYSQL_TABLE_OPTIONS, BigId, JsonDocument, UTCDateTime, utcnow
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -35,14 +35,19 @@ def upgrade() -> None:
         sa.Column("error", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_mozrest_outbox"),
         sqlite_autoincrement=True,
+        **MYSQL_TABLE_OPTIONS,
     )
-    op.create_index(
-        "ix_mozrest_outbox_unprocessed",
-        "mozrest_outbox",
-        ["id"],
-        postgresql_where=sa.text("processed_at IS NULL"),
-        sqlite_where=sa.text("processed_at IS NULL"),
-    )
+    if op.get_bind().dialect.name == "mysql":
+        # No partial indexes: `processed_at IS NULL ORDER BY id` is a ref scan on this one.
+        op.create_index("ix_mozrest_outbox_pending", "mozrest_outbox", ["processed_at", "id"])
+    else:
+        op.create_index(
+            "ix_mozrest_outbox_unprocessed",
+            "mozrest_outbox",
+            ["id"],
+            postgresql_where=sa.text("processed_at IS NULL"),
+            sqlite_where=sa.text("processed_at IS NULL"),
+        )
     op.create_index("ix_mozrest_outbox_booking_id", "mozrest_outbox", ["booking_id", "id"])
     op.create_index("ix_mozrest_outbox_outcome", "mozrest_outbox", ["outcome", "id"])
 
@@ -58,6 +63,7 @@ def upgrade() -> None:
         sa.Column("created_at", UTCDateTime(), nullable=False, server_default=utcnow()),
         sa.Column("updated_at", UTCDateTime(), nullable=False, server_default=utcnow()),
         sa.PrimaryKeyConstraint("booking_id", name="pk_mozrest_booking"),
+        **MYSQL_TABLE_OPTIONS,
     )
     op.create_index("ix_mozrest_booking_updated_at", "mozrest_booking", ["updated_at"])
 
@@ -84,6 +90,7 @@ def upgrade() -> None:
         sa.Column("outbox_created_at", UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_mozrest_delivery"),
         sqlite_autoincrement=True,
+        **MYSQL_TABLE_OPTIONS,
     )
     op.create_index(
         "ix_mozrest_delivery_due",
@@ -108,6 +115,7 @@ def upgrade() -> None:
         sa.Column("response_body", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_mozrest_attempt"),
         sqlite_autoincrement=True,
+        **MYSQL_TABLE_OPTIONS,
     )
     op.create_index("ix_mozrest_attempt_delivery_id", "mozrest_attempt", ["delivery_id", "id"])
 
@@ -123,6 +131,7 @@ def upgrade() -> None:
         sa.Column("circuit", sa.String(16), nullable=False, server_default=sa.text("'closed'")),
         sa.Column("credentials", sa.String(16), nullable=False, server_default=sa.text("'ok'")),
         sa.PrimaryKeyConstraint("id", name="pk_mozrest_worker"),
+        **MYSQL_TABLE_OPTIONS,
     )
     op.create_index("ix_mozrest_worker_heartbeat_at", "mozrest_worker", ["heartbeat_at"])
 
@@ -130,6 +139,7 @@ def upgrade() -> None:
         "mozrest_lock",
         sa.Column("name", sa.String(32), nullable=False),
         sa.PrimaryKeyConstraint("name", name="pk_mozrest_lock"),
+        **MYSQL_TABLE_OPTIONS,
     )
     op.bulk_insert(lock, [{"name": "ingest"}, {"name": "maintenance"}])
 

@@ -12,7 +12,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.db import metadata
-from app.migrate import VERSION_TABLE, downgrade, head_revision, upgrade
+from app.migrate import VERSION_TABLE, downgrade, head_revision, include_object_for, upgrade
 from tests.conftest import PostgresDatabases
 
 
@@ -32,10 +32,6 @@ def empty_database_url(
         postgres.drop(name)
 
 
-def _include(obj: object, name: str | None, type_: str, reflected: bool, compare: object) -> bool:
-    return type_ != "table" or bool(name and name.startswith("mozrest_"))
-
-
 async def _schema_diff(url: str) -> list[object]:
     engine = create_async_engine(url)
     try:
@@ -46,7 +42,7 @@ async def _schema_diff(url: str) -> list[object]:
                     sync_conn,  # type: ignore[arg-type]
                     opts={
                         "compare_type": True,
-                        "include_object": _include,
+                        "include_object": include_object_for(sync_conn.dialect.name),  # type: ignore[attr-defined]
                         "version_table": VERSION_TABLE,
                     },
                 )

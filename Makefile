@@ -35,6 +35,10 @@ lint: $(STAMP) ## ruff (lint and format check) and mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+.PHONY: check-deploy
+check-deploy: $(STAMP) ## validate Dockerfile, docker-compose.yml, Kubernetes manifests, alert rules
+	BIN=$(BIN) scripts/check_deploy.sh
+
 .PHONY: format
 format: $(STAMP) ## format the code
 	$(BIN)/ruff check --fix .

@@ -1,4 +1,4 @@
-"""`make run`: the local Mozrest emulator and the relay on the SQLite default, pointed at each other.
+"""`make run`: the local Mozrest emulator and the relay on SQLite, pointed at each other.
 
 Settings already in the environment or in `.env` are honoured (RELAY_ADMIN_TOKEN, RELAY_PORT,
 DATABASE_URL, ...), except the Mozrest URLs: this command exists to talk to the emulator. An admin
@@ -73,8 +73,16 @@ def main() -> int:
         return migrate.returncode
 
     emulator = subprocess.Popen(
-        [*RELAY, "emulator", "--port", emulator_port, "--token", webhook_token,
-         "--api-key", api_key],
+        [
+            *RELAY,
+            "emulator",
+            "--port",
+            emulator_port,
+            "--token",
+            webhook_token,
+            "--api-key",
+            api_key,
+        ],
         env=env,
         cwd=ROOT,
     )

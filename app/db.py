@@ -29,7 +29,7 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 #: MySQL/MariaDB table options: InnoDB for row locks, utf8mb4 for every script and emoji, and a
 #: binary collation so ids compare exactly ("AB12" is not "ab12").
-MYSQL_TABLE_OPTIONS = {
+MYSQL_TABLE_OPTIONS: dict[str, Any] = {
     "mysql_engine": "InnoDB",
     "mysql_charset": "utf8mb4",
     "mysql_collate": "utf8mb4_bin",

@@ -41,7 +41,7 @@ outbox = Table(
         "id",
         postgresql_where=text("processed_at IS NULL"),
         sqlite_where=text("processed_at IS NULL"),
-    ).ddl_if(dialect=("postgresql", "sqlite")),
+    ).ddl_if(dialect=("postgresql", "sqlite")),  # type: ignore[arg-type] # a tuple is allowed
     # MySQL has no partial indexes; `processed_at IS NULL ORDER BY id` is a ref scan on this one.
     Index("ix_mozrest_outbox_pending", "processed_at", "id").ddl_if(dialect="mysql"),
     Index("ix_mozrest_outbox_booking_id", "booking_id", "id"),

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
 from app import __version__, metrics
 from app.logs import configure_logging, get_logger, log_event
@@ -25,6 +28,9 @@ from app.store import Store, StoreError
 from app.worker import Worker
 
 log = get_logger("api")
+
+# `*_created` series (one per counter and histogram) only clutter a scrape of this service.
+disable_created_metrics()
 
 
 @dataclass
@@ -57,6 +63,11 @@ def require_admin(request: Request, runtime: RuntimeDep) -> None:
         raise HTTPException(
             401, "missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"}
         )
+
+
+class _AsciiJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
@@ -110,6 +121,12 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
     @app.exception_handler(StoreError)
     async def _store_unavailable(request: Request, exc: StoreError) -> JSONResponse:
         return JSONResponse({"detail": f"database unavailable: {exc}"}, status_code=503)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer, ASCII-escaped: the errors echo the input, and a lone surrogate
+        # (a JSON "\\ud800" escape) cannot be encoded as UTF-8, which would be a 500.
+        return _AsciiJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process runs")
     async def healthz() -> dict[str, str]:
@@ -193,7 +210,21 @@ async def refresh_gauges(runtime: Runtime) -> None:
     for status, count in stats.deliveries.items():
         metrics.DELIVERIES.labels(status=status).set(count)
     metrics.OLDEST_PENDING_AGE.set(stats.oldest_pending_age_seconds or 0.0)
-    metrics.CIRCUIT_OPEN.set(1 if stats.circuit != "closed" else 0)
+    metrics.LIVE_WORKERS.set(stats.live_workers)
+    # This process's own worker knows its circuit before its next heartbeat says so.
+    own_circuit_open = runtime.worker is not None and runtime.worker.circuit_state != "closed"
+    metrics.CIRCUIT_OPEN.set(1 if stats.circuit != "closed" or own_circuit_open else 0)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a SIGTERM it has already handled by shutting down gracefully, so the
+    process would die of the signal; the relay exits 0 instead (SPEC 3.11)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
 
 
 def serve(settings: Settings, *, with_worker: bool) -> None:
@@ -209,7 +240,7 @@ def serve(settings: Settings, *, with_worker: bool) -> None:
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
-    uvicorn.Server(config).run()
+    _Server(config).run()
 
 
 __all__ = ["Runtime", "create_app", "serve"]

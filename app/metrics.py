@@ -33,8 +33,19 @@ CIRCUIT_OPEN = Gauge(
     "mozrest_relay_circuit_open",
     "1 when a live relay process has its circuit open (Mozrest failing), else 0.",
 )
-#: Not exported: this process's own circuit, kept for the heartbeat and tests.
+LIVE_WORKERS = Gauge(
+    "mozrest_relay_live_workers",
+    "Relay worker processes with a recent heartbeat (whole relay).",
+)
+#: Not exported (no registry): this process's own circuit, for tests and debugging.
 CIRCUIT_OPEN_PROCESS = Gauge(
     "mozrest_relay_process_circuit_open",
     "1 when this process's circuit breaker is open.",
+    registry=None,
 )
+
+# Every label a dashboard expects exists from the start, at zero.
+for _outcome in ("queued", "unchanged", "held", "superseded", "invalid"):
+    OUTBOX_ROWS.labels(outcome=_outcome)
+for _status in ("pending", "retrying", "delivered", "dead", "superseded", "cancelled"):
+    DELIVERIES.labels(status=_status)

@@ -225,8 +225,26 @@ def parse_row(
 
 
 def serialize(state: State) -> bytes:
-    """The exact JSON body Mozrest receives: compact, UTF-8, documented key order."""
-    return json.dumps(state, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    """The exact JSON body Mozrest receives: compact, UTF-8, documented key order.
+
+    The order is imposed here, not trusted from the dict: a state read back from PostgreSQL's
+    `jsonb` comes with its keys reordered.
+    """
+    return json.dumps(
+        _documented_order(state), ensure_ascii=False, separators=(",", ":"), allow_nan=False
+    ).encode()
+
+
+def _documented_order(state: State) -> State:
+    ordered = {key: state[key] for key in FIELDS if key in state}
+    if isinstance(ordered.get("contact"), dict):
+        contact = ordered["contact"]
+        ordered["contact"] = {key: contact[key] for key in CONTACT_FIELDS if key in contact}
+    if isinstance(ordered.get("items"), list):
+        ordered["items"] = [
+            {key: item[key] for key in ITEM_FIELDS if key in item} for item in ordered["items"]
+        ]
+    return ordered
 
 
 def canonical(state: State) -> State:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import JSON, BigInteger, DateTime, Integer, MetaData, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -129,11 +132,12 @@ def create_engine(database_url: str, *, pool_size: int = 5, echo: bool = False) 
         )
         _configure_sqlite(engine)
         return engine
+    # No pre-ping: it costs a round trip per transaction. A dropped connection fails one
+    # statement, SQLAlchemy then recycles the whole pool, and the store's caller retries.
     kwargs: dict[str, Any] = {
         "echo": echo,
         "pool_size": pool_size,
         "max_overflow": pool_size,
-        "pool_pre_ping": True,
         "pool_recycle": 1800,
     }
     if database_url.startswith("mysql"):
@@ -144,7 +148,13 @@ def create_engine(database_url: str, *, pool_size: int = 5, echo: bool = False) 
     if database_url.startswith("postgresql"):
         # Statements are generated per batch size, so the prepared-statement cache stays small.
         kwargs["connect_args"] = {
-            "server_settings": {"application_name": "mozrest-relay"},
+            "server_settings": {
+                "application_name": "mozrest-relay",
+                # Every relay query is a key lookup or an ordered index scan with a LIMIT. On a
+                # queue table whose statistics lag (a fresh drain, a burst), the planner picks a
+                # bitmap scan plus a sort and reads every due row instead of the first few.
+                "enable_bitmapscan": "off",
+            },
             "command_timeout": 60,
         }
     return create_async_engine(database_url, **kwargs)
@@ -169,3 +179,31 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         # upgrade; readers (see `READ_ONLY`) begin deferred and never wait for a writer.
         read_only = connection.get_execution_options().get(READ_ONLY, False)
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """The database could not be used right now (unreachable, restarting, timed out)."""
+
+
+def translate_errors(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Turn driver and connection failures into `StoreError` at the store's boundary."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except (sa_exc.ProgrammingError, sa_exc.IntegrityError, sa_exc.DataError):
+            raise  # a bug or a schema problem: retrying will not help
+        except (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError, ConnectionError) as exc:
+            raise StoreError(f"{type(exc).__name__}: {_first_line(exc)}") from exc
+
+    return wrapper
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -94,12 +94,22 @@ delivery = Table(
     Column("lease_token", String(32), nullable=True),
     Column("lease_expires_at", UTCDateTime(), nullable=True),
     Column("outbox_created_at", UTCDateTime(), nullable=True),
+    # When an operator last requeued it: RELAY_RETRY_MAX_AGE counts from here, or from creation.
+    Column("requeued_at", UTCDateTime(), nullable=True),
     Index(
         "ix_mozrest_delivery_due",
         "next_attempt_at",
         postgresql_where=text(_active),
         sqlite_where=text(_active),
     ),
+    # The active deliveries of a batch of bookings: read by ingest, claim and record on every
+    # batch. Without it PostgreSQL reads the whole due index to filter booking ids.
+    Index(
+        "ix_mozrest_delivery_active_booking_id",
+        "booking_id",
+        postgresql_where=text(_active),
+        sqlite_where=text(_active),
+    ).ddl_if(dialect=("postgresql", "sqlite")),  # type: ignore[arg-type] # a tuple is allowed
     Index("ix_mozrest_delivery_booking_id", "booking_id", "id"),
     Index("ix_mozrest_delivery_status", "status", "id"),
     Index("ix_mozrest_delivery_venue_id", "venue_id", "id"),

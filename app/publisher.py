@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, Protocol
+from urllib.parse import quote
 
 import httpx
 
@@ -134,7 +135,7 @@ class PartnerApi:
         """`GET /venues/{venueId}/pos-tables`, validated to the documented shape."""
         if not self._has_key:
             raise PartnerApiError("MOZREST_API_KEY is not set")
-        path = f"/venues/{httpx.URL(venue_id).raw_path.decode()}/pos-tables"
+        path = f"/venues/{quote(venue_id, safe='')}/pos-tables"
         try:
             async with asyncio.timeout(self.timeout_seconds):
                 response = await self._client.get(path)

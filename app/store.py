@@ -14,54 +14,25 @@ Concurrency rests on three rules (docs/adr/0002-claims-and-leases.md):
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from sqlalchemy import Text, bindparam, cast, delete, insert, select, update
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.contract import ContractError, State, parse_row
-from app.db import READ_ONLY, clock_now
+from app.db import READ_ONLY, StoreError, clock_now, translate_errors
 from app.models import ACTIVE_STATUSES, attempt, booking, delivery, lock, outbox, worker
 from app.policy import BookingView, Outcome, RetryPolicy, Verdict, decide
 from app.store_admin import AdminQueries
 
 #: Attempts keep at most this much of Mozrest's answer (SPEC section 6).
 RESPONSE_BODY_LIMIT = 4096
-
-P = ParamSpec("P")
-T = TypeVar("T")
-
-
-class StoreError(Exception):
-    """The database could not be used right now (unreachable, restarting, timed out)."""
-
-
-def _translate_errors(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Turn driver and connection failures into `StoreError` at the store's boundary."""
-
-    @functools.wraps(method)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return await method(*args, **kwargs)
-        except (sa_exc.ProgrammingError, sa_exc.IntegrityError, sa_exc.DataError):
-            raise  # a bug or a schema problem: retrying will not help
-        except (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError, ConnectionError) as exc:
-            raise StoreError(f"{type(exc).__name__}: {_first_line(exc)}") from exc
-
-    return wrapper
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +56,8 @@ class Claim:
     attempt_count: int
     created_at: datetime
     outbox_created_at: datetime | None
+    retry_window_started_at: datetime
+    """RELAY_RETRY_MAX_AGE counts from here: creation, or the operator's last requeue."""
     lease_token: str
     lease_expires_at: datetime
 
@@ -214,7 +187,7 @@ class Store(AdminQueries):
 
     # -- ingest ---------------------------------------------------------------------------
 
-    @_translate_errors
+    @translate_errors
     async def ingest(self, *, limit: int) -> IngestReport | None:
         """Give the oldest unprocessed outbox rows their outcome; None if another process is
         ingesting right now."""
@@ -368,7 +341,7 @@ class Store(AdminQueries):
 
     # -- dispatch -------------------------------------------------------------------------
 
-    @_translate_errors
+    @translate_errors
     async def claim_due(self, *, worker_id: str, limit: int, lease_seconds: float) -> list[Claim]:
         """Lease up to `limit` due deliveries, at most one per booking across all processes."""
         if limit <= 0:
@@ -393,6 +366,26 @@ class Store(AdminQueries):
             if not candidates:
                 return []
             bookings = await self._lock_bookings(conn, candidates, skip_locked=True)
+            # A booking with a newer state committed but not yet ingested waits for ingest: that
+            # state may be a cancellation or a return to what Mozrest already holds.
+            undecided = set(
+                (
+                    await conn.execute(
+                        select(outbox.c.booking_id)
+                        .distinct()
+                        .select_from(
+                            outbox.join(booking, booking.c.booking_id == outbox.c.booking_id)
+                        )
+                        .where(
+                            outbox.c.booking_id.in_(sorted(bookings)),
+                            outbox.c.id > booking.c.last_outbox_id,
+                            outbox.c.processed_at.is_(None),
+                        )
+                    )
+                ).scalars()
+            )
+            for booking_id in undecided:
+                bookings.pop(booking_id, None)
             active = await self._active_deliveries(conn, bookings)
             expires = now + timedelta(seconds=lease_seconds)
             token = uuid.uuid4().hex
@@ -452,6 +445,7 @@ class Store(AdminQueries):
                     delivery.c.attempt_count,
                     delivery.c.created_at,
                     delivery.c.outbox_created_at,
+                    delivery.c.requeued_at,
                 ).where(delivery.c.id.in_(ids))
             )
             return [
@@ -464,13 +458,14 @@ class Store(AdminQueries):
                     attempt_count=row.attempt_count,
                     created_at=row.created_at,
                     outbox_created_at=row.outbox_created_at,
+                    retry_window_started_at=row.requeued_at or row.created_at,
                     lease_token=token,
                     lease_expires_at=expires,
                 )
                 for row in rows
             ]
 
-    @_translate_errors
+    @translate_errors
     async def record(self, results: Sequence[AttemptResult], *, worker_id: str) -> list[Settled]:
         """Store attempts and move their deliveries on: delivered, retrying, dead, superseded."""
         if not results:
@@ -575,7 +570,22 @@ class Store(AdminQueries):
                     ),
                     snapshots,
                 )
-            await self._wake_waiting(conn, finished_bookings, results, now)
+            finished_ids = {r.claim.delivery_id for r in results}
+            waiting = [
+                d.id
+                for booking_id in finished_bookings
+                for d in active.get(booking_id, [])
+                if d.id not in finished_ids
+                and d.status == "pending"
+                and not _leased(d, now)
+                and d.next_attempt_at is not None
+                and d.next_attempt_at > now
+            ]
+            if waiting:
+                # A booking's request finished: the newer state queued behind it may go now.
+                await conn.execute(
+                    update(delivery).where(delivery.c.id.in_(waiting)).values(next_attempt_at=now)
+                )
             return settled
 
     def _settle(
@@ -602,7 +612,9 @@ class Store(AdminQueries):
                 None,
                 None,
             )
-        deadline = claim.created_at + timedelta(seconds=self.retry_policy.max_age_seconds)
+        deadline = claim.retry_window_started_at + timedelta(
+            seconds=self.retry_policy.max_age_seconds
+        )
         if now >= deadline:
             return "dead", None, None, None
         delay = self.retry_policy.delay_seconds(
@@ -613,29 +625,7 @@ class Store(AdminQueries):
             next_at = min(next_at, deadline)  # one last try at the deadline
         return "retrying", next_at, None, None
 
-    @staticmethod
-    async def _wake_waiting(
-        conn: AsyncConnection,
-        booking_ids: set[str],
-        results: Sequence[AttemptResult],
-        now: datetime,
-    ) -> None:
-        """A booking's request finished: a newer state queued behind it may go now."""
-        if not booking_ids:
-            return
-        await conn.execute(
-            update(delivery)
-            .where(
-                delivery.c.booking_id.in_(sorted(booking_ids)),
-                delivery.c.status == "pending",
-                delivery.c.lease_token.is_(None),
-                delivery.c.next_attempt_at > now,
-                delivery.c.id.not_in([r.claim.delivery_id for r in results]),
-            )
-            .values(next_attempt_at=now)
-        )
-
-    @_translate_errors
+    @translate_errors
     async def release(self, claims: Sequence[Claim]) -> None:
         """Give claims back unsent (shutdown, open circuit): no attempt is counted."""
         if not claims:
@@ -660,7 +650,7 @@ class Store(AdminQueries):
 
     # -- processes ------------------------------------------------------------------------
 
-    @_translate_errors
+    @translate_errors
     async def register_worker(self, info: WorkerInfo) -> None:
         async with self._write() as conn:
             now = await self._now(conn)
@@ -675,7 +665,7 @@ class Store(AdminQueries):
                 )
             )
 
-    @_translate_errors
+    @translate_errors
     async def heartbeat(self, worker_id: str, *, circuit: str, credentials: str) -> None:
         async with self._write() as conn:
             now = await self._now(conn)
@@ -685,7 +675,7 @@ class Store(AdminQueries):
                 .values(heartbeat_at=now, circuit=circuit, credentials=credentials)
             )
 
-    @_translate_errors
+    @translate_errors
     async def mark_stopped(self, worker_id: str) -> None:
         async with self._write() as conn:
             now = await self._now(conn)
@@ -695,7 +685,7 @@ class Store(AdminQueries):
 
     # -- retention ------------------------------------------------------------------------
 
-    @_translate_errors
+    @translate_errors
     async def prune(self, *, retention_seconds: float, batch_size: int = 500) -> Counter[str]:
         """Delete one small batch of terminal rows and idle snapshots older than retention."""
         removed: Counter[str] = Counter()
@@ -788,12 +778,12 @@ class Store(AdminQueries):
 
     # -- health ---------------------------------------------------------------------------
 
-    @_translate_errors
+    @translate_errors
     async def ping(self) -> datetime:
         async with self._read() as conn:
             return await self._now(conn)
 
-    @_translate_errors
+    @translate_errors
     async def schema_revision(self) -> str | None:
         from app.migrate import current_revision
 
@@ -812,3 +802,6 @@ def _cut(body: str | None) -> str | None:
     if len(encoded) <= RESPONSE_BODY_LIMIT:
         return body
     return encoded[:RESPONSE_BODY_LIMIT].decode("utf-8", "ignore")
+
+
+__all__ = ["AttemptResult", "Claim", "IngestReport", "Settled", "Store", "StoreError", "WorkerInfo"]

@@ -88,6 +88,7 @@ def upgrade() -> None:
         sa.Column("lease_token", sa.String(32), nullable=True),
         sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
         sa.Column("outbox_created_at", UTCDateTime(), nullable=True),
+        sa.Column("requeued_at", UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_mozrest_delivery"),
         sqlite_autoincrement=True,
         **MYSQL_TABLE_OPTIONS,
@@ -99,6 +100,14 @@ def upgrade() -> None:
         postgresql_where=sa.text(_ACTIVE),
         sqlite_where=sa.text(_ACTIVE),
     )
+    if op.get_bind().dialect.name != "mysql":
+        op.create_index(
+            "ix_mozrest_delivery_active_booking_id",
+            "mozrest_delivery",
+            ["booking_id"],
+            postgresql_where=sa.text(_ACTIVE),
+            sqlite_where=sa.text(_ACTIVE),
+        )
     op.create_index("ix_mozrest_delivery_booking_id", "mozrest_delivery", ["booking_id", "id"])
     op.create_index("ix_mozrest_delivery_status", "mozrest_delivery", ["status", "id"])
     op.create_index("ix_mozrest_delivery_venue_id", "mozrest_delivery", ["venue_id", "id"])

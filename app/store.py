@@ -694,36 +694,29 @@ class Store(AdminQueries):
                 return removed
             now = await self._now(conn)
             cutoff = now - timedelta(seconds=retention_seconds)
-            outbox_ids = (
-                (
-                    await conn.execute(
-                        select(outbox.c.id)
-                        .where(outbox.c.processed_at < cutoff)
-                        .order_by(outbox.c.id)
-                        .limit(batch_size)
-                    )
+            # Old rows have low ids: look at the oldest few by primary key and keep the ones due,
+            # so the cost never grows with the table (a filter on processed_at would scan it).
+            outbox_ids = [
+                row.id
+                for row in await conn.execute(
+                    select(outbox.c.id, outbox.c.processed_at)
+                    .order_by(outbox.c.id)
+                    .limit(batch_size)
                 )
-                .scalars()
-                .all()
-            )
+                if row.processed_at is not None and row.processed_at < cutoff
+            ]
             if outbox_ids:
                 await conn.execute(delete(outbox).where(outbox.c.id.in_(outbox_ids)))
                 removed["outbox"] = len(outbox_ids)
-            delivery_ids = (
-                (
-                    await conn.execute(
-                        select(delivery.c.id)
-                        .where(
-                            delivery.c.status.not_in(ACTIVE_STATUSES),
-                            delivery.c.updated_at < cutoff,
-                        )
-                        .order_by(delivery.c.id)
-                        .limit(batch_size)
-                    )
+            delivery_ids = [
+                row.id
+                for row in await conn.execute(
+                    select(delivery.c.id, delivery.c.status, delivery.c.updated_at)
+                    .order_by(delivery.c.id)
+                    .limit(batch_size)
                 )
-                .scalars()
-                .all()
-            )
+                if row.status not in ACTIVE_STATUSES and row.updated_at < cutoff
+            ]
             if delivery_ids:
                 await conn.execute(delete(attempt).where(attempt.c.delivery_id.in_(delivery_ids)))
                 await conn.execute(delete(delivery).where(delivery.c.id.in_(delivery_ids)))

@@ -41,25 +41,33 @@ class Publisher(Protocol):
     async def aclose(self) -> None: ...
 
 
-def _client(
-    *, base_url: str, token: str | None, concurrency: int, transport: Transport
-) -> httpx.AsyncClient:
-    headers = {"User-Agent": f"mozrest-relay/{__version__}", "Accept": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
+def _transport(*, concurrency: int, transport: Transport) -> httpx.AsyncBaseTransport:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    kwargs: dict[str, Any] = {"headers": headers, "limits": limits, "timeout": None}
     if transport == "aiohttp":
         # httpx's own pool costs several times the CPU per request of aiohttp's under
         # concurrency (docs/adr/0004-http-transport.md); the httpx API stays the same.
         from httpx_aiohttp import AiohttpTransport
 
-        kwargs["transport"] = AiohttpTransport(limits=limits)
-    return httpx.AsyncClient(base_url=base_url, **kwargs)
+        return AiohttpTransport(limits=limits)
+    return httpx.AsyncHTTPTransport(limits=limits)
+
+
+def _client(*, base_url: str, token: str | None) -> httpx.AsyncClient:
+    """A plain httpx client for the Partner API's occasional reads."""
+    headers = {"User-Agent": f"mozrest-relay/{__version__}", "Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    # `PartnerApi.pos_tables` bounds each call with one overall asyncio deadline.
+    return httpx.AsyncClient(base_url=base_url, headers=headers, timeout=None)  # noqa: S113
 
 
 class HttpPublisher:
-    """POSTs states to the webhook URL with a Bearer token, within one overall deadline."""
+    """POSTs states to the webhook URL with a Bearer token, within one overall deadline.
+
+    It speaks to an httpx transport directly rather than through `httpx.AsyncClient`: the
+    client's per-request work (cookies, auth and event-hook plumbing, URL merging) cost as much
+    CPU again as the request itself, and a webhook needs none of it (ADR 0004).
+    """
 
     def __init__(
         self,
@@ -70,21 +78,29 @@ class HttpPublisher:
         concurrency: int,
         transport: Transport = "aiohttp",
     ) -> None:
-        self.url = url
+        self.url = httpx.URL(url)
         self.timeout_seconds = timeout_seconds
-        self._client = _client(
-            base_url="", token=token, concurrency=concurrency, transport=transport
-        )
+        self._headers = [
+            ("User-Agent", f"mozrest-relay/{__version__}"),
+            ("Accept", "application/json"),
+            ("Content-Type", "application/json"),
+        ]
+        if token:
+            self._headers.append(("Authorization", f"Bearer {token}"))
+        self._transport = _transport(concurrency=concurrency, transport=transport)
 
     async def publish(self, body: bytes) -> WebhookAnswer:
         started_at = datetime.now(UTC)
         start = time.perf_counter()
+        request = httpx.Request("POST", self.url, headers=self._headers, content=body)
         try:
             # One deadline for connect, send, wait and read: the lease must outlive all of it.
             async with asyncio.timeout(self.timeout_seconds):
-                response = await self._client.post(
-                    self.url, content=body, headers={"Content-Type": "application/json"}
-                )
+                response = await self._transport.handle_async_request(request)
+                try:
+                    content = await response.aread()
+                finally:
+                    await response.aclose()
         except TimeoutError:
             return WebhookAnswer(
                 status_code=None,
@@ -107,13 +123,13 @@ class HttpPublisher:
             status_code=response.status_code,
             duration_ms=_elapsed_ms(start),
             started_at=started_at,
-            body=response.content[:ANSWER_BODY_LIMIT].decode("utf-8", "replace"),
+            body=content[:ANSWER_BODY_LIMIT].decode("utf-8", "replace"),
             error=error,
             retry_after_seconds=retry_after,
         )
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._transport.aclose()
 
 
 class PartnerApiError(Exception):
@@ -126,9 +142,7 @@ class PartnerApi:
     def __init__(self, *, base_url: str, api_key: str | None, timeout_seconds: float) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_seconds = timeout_seconds
-        self._client = _client(
-            base_url=self.base_url, token=api_key, concurrency=8, transport="httpx"
-        )
+        self._client = _client(base_url=self.base_url, token=api_key)
         self._has_key = api_key is not None
 
     async def pos_tables(self, venue_id: str) -> dict[str, Any]:

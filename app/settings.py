@@ -143,7 +143,7 @@ class Settings(BaseSettings):
     relay_shutdown_grace: Duration = Field(
         15.0, description="On SIGTERM, how long in-flight requests may finish before release."
     )
-    relay_concurrency: int = Field(32, ge=1, le=1024, description="Requests in flight per process.")
+    relay_concurrency: int = Field(64, ge=1, le=1024, description="Requests in flight per process.")
     relay_batch_size: int = Field(200, ge=1, le=5000, description="Rows claimed per statement.")
     relay_poll_interval: Duration = Field(
         0.05, description="How often an idle worker looks for new rows."

@@ -172,10 +172,16 @@ class Store(AdminQueries):
             select(
                 delivery.c.id,
                 delivery.c.booking_id,
+                delivery.c.venue_id,
                 delivery.c.outbox_id,
                 delivery.c.payload,
                 delivery.c.status,
+                delivery.c.attempt_count,
+                delivery.c.created_at,
+                delivery.c.outbox_created_at,
+                delivery.c.requeued_at,
                 delivery.c.next_attempt_at,
+                delivery.c.lease_token,
                 delivery.c.lease_expires_at,
             )
             .where(delivery.c.booking_id.in_(ids), delivery.c.status.in_(ACTIVE_STATUSES))
@@ -435,19 +441,7 @@ class Store(AdminQueries):
                 .values(sent_outbox_id=bindparam("b_outbox_id"), updated_at=now),
                 [{"b_booking_id": d.booking_id, "b_outbox_id": d.outbox_id} for d in chosen],
             )
-            rows = await conn.execute(
-                select(
-                    delivery.c.id,
-                    delivery.c.booking_id,
-                    delivery.c.venue_id,
-                    delivery.c.outbox_id,
-                    delivery.c.payload,
-                    delivery.c.attempt_count,
-                    delivery.c.created_at,
-                    delivery.c.outbox_created_at,
-                    delivery.c.requeued_at,
-                ).where(delivery.c.id.in_(ids))
-            )
+            # The rows read under the booking locks are the claimed rows as they now stand.
             return [
                 Claim(
                     delivery_id=row.id,
@@ -462,7 +456,7 @@ class Store(AdminQueries):
                     lease_token=token,
                     lease_expires_at=expires,
                 )
-                for row in rows
+                for row in chosen
             ]
 
     @translate_errors
@@ -474,14 +468,8 @@ class Store(AdminQueries):
             now = await self._now(conn)
             bookings = await self._lock_bookings(conn, (r.claim.booking_id for r in results))
             active = await self._active_deliveries(conn, bookings)
-            current = {
-                row.id: row
-                for row in await conn.execute(
-                    select(delivery.c.id, delivery.c.status, delivery.c.lease_token).where(
-                        delivery.c.id.in_([r.claim.delivery_id for r in results])
-                    )
-                )
-            }
+            # A claimed delivery no longer active (cancelled, superseded) is not ours to move.
+            current = {d.id: d for rows in active.values() for d in rows}
             await conn.execute(
                 insert(attempt),
                 [
@@ -504,11 +492,7 @@ class Store(AdminQueries):
             for result in results:
                 claim = result.claim
                 row = current.get(claim.delivery_id)
-                owned = (
-                    row is not None
-                    and row.lease_token == claim.lease_token
-                    and row.status in ACTIVE_STATUSES
-                )
+                owned = row is not None and row.lease_token == claim.lease_token
                 if result.verdict is Verdict.DELIVERED:
                     snapshots.append(
                         {

@@ -33,7 +33,7 @@ from app.store import AttemptResult, Claim, Store, StoreError, WorkerInfo
 
 log = get_logger("worker")
 #: How long the recorder waits for more answers before writing a small batch.
-RECORD_LINGER_SECONDS = 0.002
+RECORD_LINGER_SECONDS = 0.005
 T = TypeVar("T")
 
 
@@ -41,7 +41,7 @@ T = TypeVar("T")
 class WorkerConfig:
     """The tuning the loop needs, in seconds and counts."""
 
-    concurrency: int = 32
+    concurrency: int = 64
     batch_size: int = 200
     poll_interval_seconds: float = 0.05
     lease_seconds: float = 30.0
@@ -98,6 +98,7 @@ class Worker:
         self._dispatch_wakeup = asyncio.Event()
         self._state_changed = asyncio.Event()
         self._results: asyncio.Queue[AttemptResult | None] = asyncio.Queue()
+        self._result_arrived = asyncio.Event()
         self._in_flight: dict[asyncio.Task[None], Claim] = {}
         self._sending: set[int] = set()
         self._probe_in_flight = False
@@ -224,10 +225,10 @@ class Worker:
         return 0, False
 
     async def _dispatch_loop(self) -> None:
-        # Claim in batches: a claim costs a few statements however many rows it takes, so with
-        # requests in flight wait until a quarter of the slots are free rather than claiming one
+        # Claim in batches: a claim costs the same few statements however many rows it takes,
+        # so with requests in flight wait until half the slots are free rather than claiming one
         # delivery per finished request.
-        min_claim = max(1, min(self.config.concurrency // 4, self.config.batch_size))
+        min_claim = max(1, min(self.config.concurrency // 2, self.config.batch_size))
         while not self._stopping.is_set():
             claimed_full = False
             slots, probe = self._free_slots()
@@ -303,6 +304,7 @@ class Worker:
         self._update_gates(verdict)
         if probe:
             self._end_probe(abandoned=False)
+        self._result_arrived.set()
         await self._results.put(
             AttemptResult(
                 claim=claim,
@@ -359,10 +361,17 @@ class Worker:
                 return
             batch = [first]
             last = False
-            if self._results.empty() and len(self._in_flight) > 1:
-                # Requests in flight finish within moments of each other: a short linger turns
-                # many one-row transactions into one.
-                await asyncio.sleep(RECORD_LINGER_SECONDS)
+            # Requests in flight finish within moments of each other: a short linger turns
+            # many one-row transactions into one.
+            wanted = min(len(self._in_flight), max(1, self.config.concurrency // 4))
+            deadline = time.monotonic() + RECORD_LINGER_SECONDS
+            while self._results.qsize() + 1 < wanted and not self._stopping.is_set():
+                self._result_arrived.clear()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._result_arrived.wait(), remaining)
             while not self._results.empty() and len(batch) < self.config.batch_size:
                 item = self._results.get_nowait()
                 if item is None:

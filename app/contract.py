@@ -32,6 +32,9 @@ ITEM_FIELDS = ("sku", "quantity", "notes")
 #: Column limits of `mozrest_outbox.booking_id` / `venue_id`; keep in step with `models.py`.
 MAX_ID_LENGTH = 64
 DEFAULT_MAX_PAYLOAD_BYTES = 65536
+#: Stored JSON text may be this many times the serialised state (a `\uXXXX` escape is six
+#: characters for one); longer text is refused before parsing.
+STORED_TEXT_FACTOR = 8
 
 
 class ContractError(ValueError):
@@ -69,6 +72,8 @@ def _string(value: object, field: str, *, non_empty: bool, max_length: int | Non
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise ContractError(field, "contains invalid Unicode (an unpaired surrogate)") from None
+    if "\x00" in value:
+        raise ContractError(field, "contains a NUL character")
     if non_empty and not value.strip():
         raise ContractError(field, "must be a non-empty string")
     if max_length is not None and len(value) > max_length:
@@ -206,7 +211,9 @@ def parse_row(
     """Parse an outbox row's payload column and check it against the row's own columns."""
     if payload_text is None:
         raise ContractError("payload", "is null")
-    if len(payload_text.encode("utf-8", "surrogatepass")) > max_payload_bytes:
+    # The limit is on what Mozrest receives (checked below, after normalising); stored text can
+    # be several times larger (spaces, \uXXXX escapes), so this only bounds the parsing work.
+    if len(payload_text) > STORED_TEXT_FACTOR * max_payload_bytes:
         raise ContractError("payload", f"is larger than the {max_payload_bytes}-byte limit")
     try:
         data = json.loads(payload_text)

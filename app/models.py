@@ -64,6 +64,12 @@ booking = Table(
     Column("accepted_payload", JsonDocument, nullable=True),
     Column("accepted_outbox_id", BigInteger, nullable=True),
     Column("accepted_at", UTCDateTime(), nullable=True),
+    # A state that left without an answer (timeout, dropped connection) may still land: until a
+    # state at least as new is accepted, the snapshot is not what Mozrest surely holds.
+    Column("unconfirmed_outbox_id", BigInteger, nullable=True),
+    # No request for this booking may start before this time (database clock): an unanswered
+    # request may still be on its way until its lease ends.
+    Column("quiet_until", UTCDateTime(), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False, server_default=utcnow()),
     Column("updated_at", UTCDateTime(), nullable=False, server_default=utcnow()),
     Index("ix_mozrest_booking_updated_at", "updated_at"),

@@ -41,6 +41,8 @@ class BookingView:
     """A queued state not yet sent (pending or retrying, not in flight), if any."""
     sent_once: bool = False
     """Whether any state of this booking has left for Mozrest."""
+    accepted_uncertain: bool = False
+    """A newer state left without an answer and may have landed: `accepted` may be stale."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,18 +59,24 @@ def decide(new: State, booking: BookingView, send_statuses: frozenset[str]) -> D
     """Decide a booking's newest state against what Mozrest holds or will hold (SPEC 3.4-3.6)."""
     if booking.queued is not None and states_equal(new, booking.queued):
         return Decision(Outcome.UNCHANGED)
-    # What Mozrest will hold once everything already sent has landed.
-    base = booking.in_flight if booking.in_flight is not None else booking.accepted
+    # What Mozrest will hold once everything already sent has landed. After a request that got
+    # no answer nobody knows, so nothing is suppressed against the snapshot.
+    base: State | None
+    if booking.in_flight is not None:
+        base = booking.in_flight
+    else:
+        base = None if booking.accepted_uncertain else booking.accepted
     supersede = booking.queued is not None
     if base is not None and states_equal(new, base):
         return Decision(Outcome.UNCHANGED, supersede_queued=supersede)
     if not booking.sent_once and booking.in_flight is None and new["status"] not in send_statuses:
         return Decision(Outcome.HELD, supersede_queued=supersede)
+    shown = base if base is not None else booking.accepted  # what the operator compares with
     return Decision(
         Outcome.QUEUED,
         supersede_queued=supersede,
-        changed_fields=changed_fields(base, new),
-        warnings=delivery_warnings(base, new),
+        changed_fields=changed_fields(shown, new),
+        warnings=delivery_warnings(shown, new),
     )
 
 

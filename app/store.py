@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, bindparam, cast, delete, insert, select, update
+from sqlalchemy import Text, bindparam, case, cast, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.contract import ContractError, State, parse_row
@@ -257,6 +257,7 @@ class Store(AdminQueries):
                     in_flight=in_flight[-1].payload if in_flight else None,
                     queued=queued[-1].payload if queued else None,
                     sent_once=known is not None and known.sent_outbox_id is not None,
+                    accepted_uncertain=known is not None and _unconfirmed(known),
                 )
                 decision = decide(state, view, self.send_statuses)
                 outcomes[row.id] = (decision.outcome, None)
@@ -277,7 +278,11 @@ class Store(AdminQueries):
                             "updated_at": now,
                             # Behind a request still on the wire, it waits for that one's
                             # outcome (`record` wakes it) or, at worst, for its lease to end.
-                            "next_attempt_at": in_flight[-1].lease_expires_at if in_flight else now,
+                            "next_attempt_at": max(
+                                now,
+                                in_flight[-1].lease_expires_at if in_flight else now,
+                                _quiet_until(known, now),
+                            ),
                             "outbox_created_at": row.created_at,
                         }
                     )
@@ -404,6 +409,8 @@ class Store(AdminQueries):
                 deliveries = active.get(booking_id, [])
                 if not deliveries or any(_leased(d, now) for d in deliveries):
                     continue  # one request per booking at a time
+                if _quiet_until(bookings[booking_id], now) > now:
+                    continue  # an unanswered request may still be on its way
                 newest = deliveries[-1]
                 stale.extend(d.id for d in deliveries[:-1])
                 sent = bookings[booking_id].sent_outbox_id
@@ -489,10 +496,20 @@ class Store(AdminQueries):
             snapshots: list[dict[str, Any]] = []
             settled: list[Settled] = []
             finished_bookings: set[str] = set()
+            unanswered: dict[str, tuple[int, datetime]] = {}
             for result in results:
                 claim = result.claim
                 row = current.get(claim.delivery_id)
                 owned = row is not None and row.lease_token == claim.lease_token
+                if result.status_code is None:
+                    # No answer: the request may still land, up to the end of its lease.
+                    outbox_id, until = unanswered.get(
+                        claim.booking_id, (claim.outbox_id, claim.lease_expires_at)
+                    )
+                    unanswered[claim.booking_id] = (
+                        max(outbox_id, claim.outbox_id),
+                        max(until, claim.lease_expires_at),
+                    )
                 if result.verdict is Verdict.DELIVERED:
                     snapshots.append(
                         {
@@ -504,7 +521,8 @@ class Store(AdminQueries):
                 if not owned:
                     settled.append(Settled(claim.delivery_id, claim.booking_id, None))
                     continue
-                finished_bookings.add(claim.booking_id)
+                if result.status_code is not None:
+                    finished_bookings.add(claim.booking_id)
                 newer_waiting = any(
                     d.outbox_id > claim.outbox_id for d in active.get(claim.booking_id, [])
                 )
@@ -550,9 +568,38 @@ class Store(AdminQueries):
                         accepted_payload=bindparam("s_payload"),
                         accepted_outbox_id=bindparam("s_outbox_id"),
                         accepted_at=now,
+                        # An unanswered state no newer than this one no longer matters.
+                        unconfirmed_outbox_id=case(
+                            (
+                                booking.c.unconfirmed_outbox_id <= bindparam("s_outbox_id"),
+                                None,
+                            ),
+                            else_=booking.c.unconfirmed_outbox_id,
+                        ),
                         updated_at=now,
                     ),
                     snapshots,
+                )
+            if unanswered:
+                await conn.execute(
+                    update(booking)
+                    .where(booking.c.booking_id == bindparam("u_booking_id"))
+                    .values(
+                        unconfirmed_outbox_id=bindparam("u_outbox_id"),
+                        quiet_until=bindparam("u_quiet_until"),
+                        updated_at=now,
+                    ),
+                    [
+                        {
+                            "u_booking_id": booking_id,
+                            "u_outbox_id": max(
+                                outbox_id, bookings[booking_id].unconfirmed_outbox_id or 0
+                            ),
+                            "u_quiet_until": max(until, _quiet_until(bookings[booking_id], now)),
+                        }
+                        for booking_id, (outbox_id, until) in unanswered.items()
+                        if booking_id in bookings
+                    ],
                 )
             finished_ids = {r.claim.delivery_id for r in results}
             waiting = [
@@ -607,6 +654,9 @@ class Store(AdminQueries):
         next_at = now + timedelta(seconds=delay)
         if result.retry_after_seconds is None:
             next_at = min(next_at, deadline)  # one last try at the deadline
+        if result.status_code is None:
+            # Unanswered: the request may still land until its lease ends; never overlap it.
+            next_at = max(next_at, claim.lease_expires_at)
         return "retrying", next_at, None, None
 
     @translate_errors
@@ -766,6 +816,19 @@ class Store(AdminQueries):
 
         async with self._read() as conn:
             return await conn.run_sync(current_revision)
+
+
+def _unconfirmed(booking_row: Any) -> bool:
+    """A state newer than the snapshot left without an answer and may have landed."""
+    unconfirmed = booking_row.unconfirmed_outbox_id
+    accepted = booking_row.accepted_outbox_id
+    return unconfirmed is not None and (accepted is None or unconfirmed > accepted)
+
+
+def _quiet_until(booking_row: Any, now: datetime) -> datetime:
+    if booking_row is None or booking_row.quiet_until is None:
+        return now
+    return max(now, booking_row.quiet_until)
 
 
 def _leased(row: Any, now: datetime) -> bool:

@@ -60,6 +60,8 @@ def upgrade() -> None:
         sa.Column("accepted_payload", JsonDocument, nullable=True),
         sa.Column("accepted_outbox_id", sa.BigInteger(), nullable=True),
         sa.Column("accepted_at", UTCDateTime(), nullable=True),
+        sa.Column("unconfirmed_outbox_id", sa.BigInteger(), nullable=True),
+        sa.Column("quiet_until", UTCDateTime(), nullable=True),
         sa.Column("created_at", UTCDateTime(), nullable=False, server_default=utcnow()),
         sa.Column("updated_at", UTCDateTime(), nullable=False, server_default=utcnow()),
         sa.PrimaryKeyConstraint("booking_id", name="pk_mozrest_booking"),

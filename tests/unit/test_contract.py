@@ -660,7 +660,8 @@ def test_optional_field_corruption_is_named(key: str, value: Any, field: str) ->
 # Property tests
 # --------------------------------------------------------------------------------------------
 
-_CHARS = st.characters(exclude_categories=("Cs",))
+# Valid text: any character but lone surrogates and NUL (both are refused by the contract).
+_CHARS = st.characters(exclude_categories=("Cs",), exclude_characters="\x00")
 _TEXT = st.text(_CHARS, max_size=30)
 _NON_BLANK = st.text(_CHARS, min_size=1, max_size=30).filter(lambda s: s.strip() != "")
 _IDS = st.text(_CHARS, min_size=1, max_size=MAX_ID_LENGTH).filter(lambda s: s.strip() != "")

@@ -187,3 +187,11 @@ def test_breaker_success_resets_the_failure_count() -> None:
     breaker.record_success()
     breaker.record_failure(1)
     assert breaker.closed
+
+
+def test_nothing_is_suppressed_against_a_snapshot_an_unanswered_request_may_have_replaced() -> None:
+    """A accepted, B sent without an answer (it may have landed), then A again: A is sent."""
+    view = BookingView(accepted=state(), sent_once=True, accepted_uncertain=True)
+    decision = decide(state(), view, SEND)
+    assert decision.outcome is Outcome.QUEUED
+    assert decision.changed_fields == []  # it equals the snapshot the operator sees

@@ -48,8 +48,30 @@ format: $(STAMP) ## format the code
 migrate: $(STAMP) ## upgrade DATABASE_URL to the newest schema
 	$(BIN)/mozrest-relay migrate
 
+.PHONY: bench
+bench: $(STAMP) ## the benchmark suite, about 15 minutes: prints a table, writes bench/results/latest.json
+	@$(BIN)/python -c 'import pgqueuer, uvloop' 2>/dev/null || $(BIN)/pip install --quiet -c requirements.lock -e '.[bench]'
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+.PHONY: bench-smoke
+bench-smoke: $(STAMP) ## a short benchmark run for CI (a minute or two): fails only on lost or stale states
+	$(BIN)/python -m bench.run --smoke $(BENCH_ARGS)
+
+.PHONY: bench-api
+bench-api: $(STAMP) ## admin API list latencies over 1,000,000 deliveries: bench/results/api.json
+	@$(BIN)/python -c 'import uvloop' 2>/dev/null && test -x $(BIN)/py-spy || $(BIN)/pip install --quiet -c requirements.lock -e '.[bench]'
+	$(BIN)/python -m bench.api $(BENCH_ARGS)
+
+.PHONY: chaos
+chaos: $(STAMP) ## fault-injection suite at full scale, ~20,000 changes a scenario (docs/reliability.md)
+	CHAOS_SCALE=full $(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)
+
+.PHONY: chaos-smoke
+chaos-smoke: $(STAMP) ## fault-injection suite at the scale `make test` runs it, ~2,000 changes
+	CHAOS_SCALE=smoke $(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)
+
 .PHONY: lock
 lock: ## re-pin requirements.lock from a fresh install
 	rm -rf /tmp/mozrest-relay-lock && $(PYTHON) -m venv /tmp/mozrest-relay-lock
-	/tmp/mozrest-relay-lock/bin/pip install --quiet -e '.[test,lint]'
+	/tmp/mozrest-relay-lock/bin/pip install --quiet -e '.[test,lint,bench]'
 	/tmp/mozrest-relay-lock/bin/pip freeze --exclude-editable | grep -v '^-e' > requirements.lock

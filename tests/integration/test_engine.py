@@ -1,0 +1,970 @@
+"""The delivery engine end to end: SPEC section 3, one test per invariant.
+
+Each test runs a real database (SQLite and PostgreSQL), a real Mozrest emulator served by uvicorn
+on loopback in a thread of its own, the real `HttpPublisher` and a `Worker` as an asyncio task with
+fast settings. Rows go into `mozrest_outbox` the way the RMS writes them; assertions are on what a
+user sees: what the emulator received and stored, and the relay's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.db import READ_ONLY
+from app.emulator import create_app
+from app.models import attempt, booking, delivery, outbox
+from app.models import worker as worker_table
+from app.runtime import build_store, build_worker
+from app.settings import Settings
+from app.store import Store
+from app.worker import Worker
+from tests.conftest import eventually, free_port
+
+TOKEN = "test-token"
+#: Fast settings for every test: polls, backoff and cool-downs in milliseconds.
+FAST: dict[str, Any] = {
+    "relay_poll_interval": 0.02,
+    "relay_retry_base_delay": 0.05,
+    "relay_retry_max_delay": 0.2,
+    "relay_circuit_threshold": 3,
+    "relay_circuit_cooldown": 0.3,
+    "relay_lease_seconds": 3.0,
+    "relay_http_timeout": 1.0,
+    "relay_shutdown_grace": 2.0,
+    "relay_heartbeat_interval": 1.0,
+}
+DOCUMENTED_ORDER = (
+    "bookingId",
+    "venueId",
+    "partySize",
+    "status",
+    "tables",
+    "date",
+    "prepayment",
+    "contact",
+    "notes",
+    "items",
+)
+CONTACT = {
+    "firstname": "John",
+    "lastname": "Doe",
+    "email": "john.doe@mail.com",
+    "telephone": "34646223399",
+    "locale": "en",
+}
+ITEMS = [{"sku": "PIZZA-001", "quantity": 2}, {"sku": "WINE-012", "quantity": 1, "notes": "no ice"}]
+
+
+def state(booking_id: str, *, venue_id: str = "venue-1", **changes: Any) -> dict[str, Any]:
+    """A valid booking state in the webhook's shape, with `changes` applied."""
+    return {
+        "bookingId": booking_id,
+        "venueId": venue_id,
+        "partySize": 2,
+        "status": "seated",
+        "tables": ["T1"],
+        "date": 1639578600,
+        **changes,
+    }
+
+
+class EmulatorServer:
+    """The Mozrest emulator served by uvicorn on a loopback port, in a thread with its own loop."""
+
+    def __init__(self) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(
+            create_app(token=TOKEN, api_key="test-key"),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            ws="none",
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="emulator", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the emulator did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def emulator_server() -> Iterator[EmulatorServer]:
+    server = EmulatorServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class Relay:
+    """One test's world: the database, the emulator's control API and one worker at a time."""
+
+    def __init__(self, engine: AsyncEngine, database_url: str, emulator: httpx.AsyncClient) -> None:
+        self.engine = engine
+        self.database_url = database_url
+        self.emulator = emulator
+        self.reader = engine.execution_options(**{READ_ONLY: True})
+        self.worker: Worker | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- the relay --------------------------------------------------------------------------
+
+    def settings(self, **overrides: Any) -> Settings:
+        values = {
+            "database_url": self.database_url,
+            "mozrest_webhook_url": str(self.emulator.base_url).rstrip("/") + "/rms",
+            "mozrest_webhook_token": TOKEN,
+            **FAST,
+            **overrides,
+        }
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    def store(self, **overrides: Any) -> Store:
+        return build_store(self.settings(**overrides), self.engine)
+
+    async def start(self, **overrides: Any) -> Worker:
+        """Run a fresh worker (as `mozrest-relay worker` would build it) as a task."""
+        assert self._task is None, "one worker at a time"
+        settings = self.settings(**overrides)
+        self.worker = build_worker(settings, build_store(settings, self.engine))
+        task = self._task = asyncio.create_task(self.worker.run(), name="worker")
+
+        async def registered() -> bool:
+            if task.done():
+                task.result()  # a worker that died at start-up fails the test with its error
+            async with self.reader.connect() as conn:
+                ids = (await conn.execute(select(worker_table.c.id))).scalars().all()
+            return worker_id in ids
+
+        worker_id = self.worker.id
+        await eventually(registered, timeout=5, message="the worker registered")
+        return self.worker
+
+    async def stop(self) -> None:
+        if self._task is None or self.worker is None:
+            return
+        self.worker.stop()
+        try:
+            await asyncio.wait_for(self._task, timeout=10)
+        finally:
+            await self.worker.publisher.aclose()
+            self._task = None
+
+    # -- the emulator -----------------------------------------------------------------------
+
+    async def set_faults(self, **faults: Any) -> None:
+        (await self.emulator.put("/_emulator/faults", json=faults)).raise_for_status()
+
+    async def clear_faults(self) -> None:
+        (await self.emulator.delete("/_emulator/faults")).raise_for_status()
+
+    async def requests(self, booking_id: str | None = None) -> list[dict[str, Any]]:
+        params = {"booking_id": booking_id} if booking_id is not None else {}
+        response = await self.emulator.get("/_emulator/requests", params=params)
+        items: list[dict[str, Any]] = response.json()["items"]
+        return items
+
+    async def bookings(self) -> dict[str, dict[str, Any]]:
+        items: dict[str, dict[str, Any]] = (await self.emulator.get("/_emulator/bookings")).json()[
+            "items"
+        ]
+        return items
+
+    async def landed(self, booking_id: str) -> dict[str, Any] | None:
+        """The state the emulator last accepted for a booking, or None."""
+        found = (await self.bookings()).get(booking_id)
+        return None if found is None else found["state"]
+
+    async def wait_landed(self, expected: dict[str, Any], *, timeout: float = 5.0) -> None:
+        async def check() -> bool:
+            return await self.landed(expected["bookingId"]) == expected
+
+        await eventually(check, timeout=timeout, message=f"{expected['bookingId']} landed")
+
+    # -- the database -----------------------------------------------------------------------
+
+    async def insert(self, *payloads: dict[str, Any]) -> list[int]:
+        """Insert states as the RMS does: one transaction each, columns taken from the payload."""
+        return [
+            await self.insert_raw(p["bookingId"], p["venueId"], json.dumps(p)) for p in payloads
+        ]
+
+    async def insert_raw(self, booking_id: str, venue_id: str, payload_text: str) -> int:
+        """The RMS's own statement (SPEC section 2), with the payload given as JSON text."""
+        statement = text(
+            "INSERT INTO mozrest_outbox (booking_id, venue_id, payload) "
+            "VALUES (:booking_id, :venue_id, :payload) RETURNING id"
+        )
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                statement,
+                {"booking_id": booking_id, "venue_id": venue_id, "payload": payload_text},
+            )
+            return int(result.scalar_one())
+
+    async def outbox_rows(self, *ids: int) -> list[Any]:
+        async with self.reader.connect() as conn:
+            query = select(outbox).order_by(outbox.c.id)
+            if ids:
+                query = query.where(outbox.c.id.in_(ids))
+            return list(await conn.execute(query))
+
+    async def outcomes(self, *ids: int) -> list[str | None]:
+        by_id = {row.id: row.outcome for row in await self.outbox_rows(*ids)}
+        return [by_id.get(i) for i in ids]
+
+    async def wait_processed(self, *ids: int, timeout: float = 5.0) -> list[str | None]:
+        async def check() -> list[str | None] | None:
+            outcomes = await self.outcomes(*ids)
+            return outcomes if all(o is not None for o in outcomes) else None
+
+        result: list[str | None] = await eventually(check, timeout=timeout, message=f"{ids}")
+        return result
+
+    async def deliveries(self, booking_id: str | None = None) -> list[Any]:
+        async with self.reader.connect() as conn:
+            query = select(delivery).order_by(delivery.c.id)
+            if booking_id is not None:
+                query = query.where(delivery.c.booking_id == booking_id)
+            return list(await conn.execute(query))
+
+    async def delivery_of(self, outbox_id: int) -> Any:
+        async with self.reader.connect() as conn:
+            return (
+                await conn.execute(select(delivery).where(delivery.c.outbox_id == outbox_id))
+            ).one()
+
+    async def wait_status(self, outbox_id: int, status: str, *, timeout: float = 5.0) -> Any:
+        async def check() -> Any:
+            async with self.reader.connect() as conn:
+                row = (
+                    await conn.execute(select(delivery).where(delivery.c.outbox_id == outbox_id))
+                ).first()
+            return row if row is not None and row.status == status else None
+
+        return await eventually(check, timeout=timeout, message=f"delivery {status}")
+
+    async def attempts(self, delivery_id: int | None = None) -> list[Any]:
+        async with self.reader.connect() as conn:
+            query = select(attempt).order_by(attempt.c.id)
+            if delivery_id is not None:
+                query = query.where(attempt.c.delivery_id == delivery_id)
+            return list(await conn.execute(query))
+
+    async def count(self, table: Any) -> int:
+        async with self.reader.connect() as conn:
+            return int((await conn.execute(select(func.count()).select_from(table))).scalar_one())
+
+
+@pytest.fixture
+async def relay(
+    engine: AsyncEngine, database_url: str, emulator_server: EmulatorServer
+) -> AsyncIterator[Relay]:
+    async with httpx.AsyncClient(base_url=emulator_server.url, timeout=10) as client:
+        harness = Relay(engine, database_url, client)
+        try:
+            yield harness
+        finally:
+            await harness.stop()
+
+
+def assert_one_at_a_time(requests: list[dict[str, Any]]) -> None:
+    """No two requests of one booking overlap in time at the emulator."""
+    by_booking: dict[str, list[dict[str, Any]]] = {}
+    for request in requests:
+        by_booking.setdefault(request["bookingId"], []).append(request)
+    for booking_id, seen in by_booking.items():
+        seen.sort(key=lambda r: r["arrival_ns"])
+        for before, after in itertools.pairwise(seen):
+            assert after["arrival_ns"] >= before["finished_ns"], f"{booking_id} overlapped"
+
+
+# -- 3.7 payload, and the Bearer token ----------------------------------------------------------
+
+
+async def test_seated_booking_lands_with_the_exact_documented_payload(relay: Relay) -> None:
+    """A seated booking reaches Mozrest once, with the Bearer token, in exactly the documented
+    shape: documented key order, integer date, 50.0 kept, null optional fields omitted."""
+    raw = (
+        '{"notes": "I am allergic to peanuts", "status": "seated", "prepayment": 50.00, '
+        '"items": [{"sku": "PIZZA-001", "quantity": 2}, '
+        '{"notes": "no ice", "quantity": 1, "sku": "WINE-012"}], '
+        '"contact": {"locale": "en", "telephone": "34646223399", "email": "john.doe@mail.com", '
+        '"lastname": "Doe", "firstname": "John"}, "date": 1639578600, '
+        '"tables": ["28c3ce8b", "T2"], "partySize": 4, "venueId": "venue-1", '
+        '"bookingId": "bk-exact"}'
+    )
+    walk_in = (
+        '{"bookingId": "bk-walk-in", "venueId": "venue-1", "partySize": 1, "status": "seated", '
+        '"tables": ["T9"], "date": 1639578600, "contact": null, "notes": null, "items": [], '
+        '"prepayment": null}'
+    )
+    exact_id = await relay.insert_raw("bk-exact", "venue-1", raw)
+    walk_in_id = await relay.insert_raw("bk-walk-in", "venue-1", walk_in)
+    await relay.start()
+
+    expected = {
+        "bookingId": "bk-exact",
+        "venueId": "venue-1",
+        "partySize": 4,
+        "status": "seated",
+        "tables": ["28c3ce8b", "T2"],
+        "date": 1639578600,
+        "prepayment": 50.0,
+        "contact": CONTACT,
+        "notes": "I am allergic to peanuts",
+        "items": ITEMS,
+    }
+    expected_walk_in = state("bk-walk-in", partySize=1, tables=["T9"])
+    await relay.wait_landed(expected)
+    await relay.wait_landed(expected_walk_in)
+
+    for booking_id, wanted in (("bk-exact", expected), ("bk-walk-in", expected_walk_in)):
+        (request,) = await relay.requests(booking_id)
+        assert request["status_code"] == 200  # the emulator answers 401 without Bearer test-token
+        body = request["body"]
+        assert body == wanted
+        assert list(body) == [key for key in DOCUMENTED_ORDER if key in body]
+        if "contact" in body:
+            assert list(body["contact"]) == list(CONTACT)
+        for item in body.get("items", []):
+            assert list(item) == [key for key in ("sku", "quantity", "notes") if key in item]
+        assert type(body["date"]) is int
+    assert (await relay.requests("bk-exact"))[0]["body"]["prepayment"] == 50.0
+
+    assert await relay.outcomes(exact_id, walk_in_id) == ["queued", "queued"]
+    sent = await relay.wait_status(exact_id, "delivered")
+    assert (sent.attempt_count, sent.last_status_code, sent.last_error) == (1, 200, None)
+    assert sent.changed_fields == list(DOCUMENTED_ORDER)
+    assert sent.warnings == []
+    (answer,) = await relay.attempts(sent.id)
+    assert answer.status_code == 200
+    assert json.loads(answer.response_body) == {"status": "ok", "bookingId": "bk-exact"}
+    for row in await relay.attempts():
+        assert TOKEN not in f"{row.response_body} {row.error} {row.worker_id}"
+
+
+# -- 3.6 send policy ----------------------------------------------------------------------------
+
+
+async def test_states_before_the_first_seated_one_are_held_and_never_sent(relay: Relay) -> None:
+    """Non-seated states of a booking never sent are `held`; its seated state then goes alone."""
+    await relay.start()
+    booked = state("bk-held", status="booked")
+    confirmed = state("bk-held", status="confirmed", partySize=3)
+    assert await relay.wait_processed(*await relay.insert(booked)) == ["held"]
+    assert await relay.wait_processed(*await relay.insert(confirmed)) == ["held"]
+    control = state("bk-control")
+    await relay.insert(control)
+    await relay.wait_landed(control)
+    assert await relay.requests("bk-held") == []
+    assert await relay.deliveries("bk-held") == []
+
+    seated = state("bk-held", partySize=3)
+    await relay.insert(seated)
+    await relay.wait_landed(seated)
+    assert [r["body"] for r in await relay.requests("bk-held")] == [seated]
+
+
+async def test_a_booking_cancelled_before_its_seated_state_left_is_never_sent(
+    relay: Relay,
+) -> None:
+    """Cancelled while its seated state waits (in the same batch, or queued behind a busy
+    dispatch): the seated state is superseded, the cancellation held, nothing is sent."""
+    batch_ids = await relay.insert(state("bk-batch"), state("bk-batch", status="cancelled"))
+    # One request slot, kept busy by a slow request of another booking.
+    await relay.set_faults(latency_ms=800)
+    await relay.start(relay_concurrency=1)
+    await relay.wait_processed(*batch_ids)
+    busy = state("bk-busy")
+    (busy_id,) = await relay.insert(busy)
+    await eventually(lambda: _leased(relay, busy_id), timeout=3)
+    (queued_seated,) = await relay.insert(state("bk-queued"))
+    assert await relay.wait_processed(queued_seated) == ["queued"]
+    (queued_cancel,) = await relay.insert(state("bk-queued", status="cancelled"))
+    assert await relay.wait_processed(queued_cancel) == ["held"]
+    await relay.wait_landed(busy)
+
+    assert await relay.outcomes(*batch_ids) == ["superseded", "held"]
+    assert await relay.deliveries("bk-batch") == []
+    assert (await relay.delivery_of(queued_seated)).status == "superseded"
+    await asyncio.sleep(0.2)
+    assert await relay.requests("bk-queued") == []
+    assert await relay.requests("bk-batch") == []
+
+
+async def test_once_a_state_was_sent_later_states_are_sent_whatever_their_status(
+    relay: Relay,
+) -> None:
+    """After a state left (accepted, or even refused), `finished` and `cancelled` are sent."""
+    await relay.start()
+    seated_a, seated_b = state("bk-finish"), state("bk-cancel")
+    await relay.insert(seated_a, seated_b)
+    await relay.wait_landed(seated_a)
+    await relay.wait_landed(seated_b)
+    finished, cancelled = (
+        state("bk-finish", status="finished"),
+        state("bk-cancel", status="cancelled"),
+    )
+    ids = await relay.insert(finished, cancelled)
+    await relay.wait_landed(finished)
+    await relay.wait_landed(cancelled)
+    assert await relay.outcomes(*ids) == ["queued", "queued"]
+
+    # The seated state left but was refused (dead): the booking counts as sent all the same.
+    await relay.set_faults(fail_next=1, fail_next_status=400)
+    (refused,) = await relay.insert(state("bk-refused"))
+    await relay.wait_status(refused, "dead")
+    await relay.clear_faults()
+    late_cancel = state("bk-refused", status="cancelled")
+    (late_id,) = await relay.insert(late_cancel)
+    await relay.wait_landed(late_cancel)
+    assert await relay.outcomes(late_id) == ["queued"]
+    assert [r["status_code"] for r in await relay.requests("bk-refused")] == [400, 200]
+
+
+# -- 3.5 no-op suppression ----------------------------------------------------------------------
+
+
+async def test_a_state_equal_to_the_accepted_one_is_unchanged_and_not_sent(relay: Relay) -> None:
+    """Equality is on the normalised state: 50 == 50.0, [] items == none, null == omitted; but
+    table order counts."""
+    await relay.start()
+    accepted = state("bk-same", prepayment=50.0, contact=CONTACT, tables=["T1", "T2"])
+    (first,) = await relay.insert(accepted)
+    await relay.wait_landed(accepted)
+
+    again = [
+        accepted,
+        {**accepted, "prepayment": 50},
+        {**accepted, "items": []},
+        {**accepted, "notes": None, "contact": dict(reversed(CONTACT.items()))},
+    ]
+    for same in again:
+        (row_id,) = await relay.insert(same)
+        assert await relay.wait_processed(row_id) == ["unchanged"], same
+    reordered = {**accepted, "tables": ["T2", "T1"]}
+    (moved,) = await relay.insert(reordered)
+    await relay.wait_landed(reordered)
+
+    assert [r["body"] for r in await relay.requests("bk-same")] == [accepted, reordered]
+    deliveries = await relay.deliveries("bk-same")
+    assert [d.outbox_id for d in deliveries] == [first, moved]
+    assert deliveries[-1].changed_fields == ["tables"]
+
+
+async def test_returning_to_the_accepted_state_sends_nothing_and_supersedes_the_queued_one(
+    relay: Relay,
+) -> None:
+    """A accepted, B queued, A again: nothing more is sent and B is superseded; the same holds
+    against a state still on the wire."""
+    a, b = state("bk-aba", partySize=2), state("bk-aba", partySize=6)
+    await relay.start(relay_concurrency=1)
+    await relay.insert(a)
+    await relay.wait_landed(a)
+    # B waits unsent because the only request slot is busy with a slow request.
+    await relay.set_faults(latency_ms=800)
+    busy = state("bk-busy")
+    (busy_id,) = await relay.insert(busy)
+    await eventually(lambda: _leased(relay, busy_id), timeout=3)
+    (b_id,) = await relay.insert(b)
+    assert await relay.wait_processed(b_id) == ["queued"]
+    (a_again,) = await relay.insert(a)
+    assert await relay.wait_processed(a_again) == ["unchanged"]
+    assert (await relay.delivery_of(b_id)).status == "superseded"
+    await relay.wait_landed(busy)
+
+    # Against the in-flight state: A on the wire, B queued behind it, then A again.
+    c, d = state("bk-wire", partySize=2), state("bk-wire", partySize=3)
+    (c_id,) = await relay.insert(c)
+    await eventually(lambda: _leased(relay, c_id), timeout=3)
+    (d_id,) = await relay.insert(d)
+    assert await relay.wait_processed(d_id) == ["queued"]
+    (c_again,) = await relay.insert(c)
+    assert await relay.wait_processed(c_again) == ["unchanged"]
+    await relay.wait_landed(c)
+    await asyncio.sleep(0.2)
+
+    assert (await relay.delivery_of(d_id)).status == "superseded"
+    assert [r["body"] for r in await relay.requests("bk-aba")] == [a]
+    assert [r["body"] for r in await relay.requests("bk-wire")] == [c]
+
+
+async def test_states_committed_while_no_worker_ran_are_decided_before_queued_work_is_sent(
+    relay: Relay,
+) -> None:
+    """After a restart, newer states already committed win over states queued before it: a
+    cancellation keeps the queued seated state from leaving, and A again keeps B from leaving."""
+    a, b = state("bk-aba", partySize=2), state("bk-aba", partySize=6)
+    await relay.start()
+    await relay.insert(a)
+    await relay.wait_landed(a)
+    await relay.stop()
+
+    # What a worker stopped between ingest and send leaves behind: B and a seated state queued.
+    store = relay.store()
+    b_id, seated_id = await relay.insert(b, state("bk-cancel"))
+    assert (await store.ingest(limit=100)) is not None
+    # While no worker runs, the RMS goes on: other bookings' states, then A again and the
+    # cancellation, all committed before the worker starts.
+    await relay.insert(*(state(f"bk-other-{n:03d}", status="booked") for n in range(100)))
+    a_again, cancelled = await relay.insert(a, state("bk-cancel", status="cancelled"))
+    control = state("bk-control")
+    await relay.insert(control)
+
+    await relay.start(relay_batch_size=20)
+    await relay.wait_landed(control)
+    await asyncio.sleep(0.2)
+    assert await relay.requests("bk-cancel") == [], "the seated state of a cancelled booking left"
+    assert [r["body"] for r in await relay.requests("bk-aba")] == [a], "B left after A again"
+    assert await relay.outcomes(b_id, seated_id, a_again, cancelled) == [
+        "queued",
+        "queued",
+        "unchanged",
+        "held",
+    ]
+
+
+async def _leased(relay: Relay, outbox_id: int) -> bool:
+    """Whether the delivery of an outbox row is claimed (its request is on the wire)."""
+    async with relay.reader.connect() as conn:
+        row = (
+            await conn.execute(
+                select(delivery.c.lease_token).where(delivery.c.outbox_id == outbox_id)
+            )
+        ).first()
+    return row is not None and row.lease_token is not None
+
+
+# -- 3.4 coalescing -----------------------------------------------------------------------------
+
+
+async def test_rapid_changes_written_before_the_worker_runs_coalesce_into_one_post(
+    relay: Relay,
+) -> None:
+    """Twenty states of one booking waiting together: one POST of the newest, 19 superseded."""
+    changes = [state("bk-rapid", partySize=n, notes=f"change {n}") for n in range(1, 21)]
+    ids = await relay.insert(*changes)
+    await relay.start()
+    await relay.wait_landed(changes[-1])
+    await asyncio.sleep(0.1)
+    assert [r["body"] for r in await relay.requests("bk-rapid")] == [changes[-1]]
+    assert await relay.outcomes(*ids) == ["superseded"] * 19 + ["queued"]
+    (only,) = await relay.deliveries("bk-rapid")
+    assert (only.outbox_id, only.status) == (ids[-1], "delivered")
+
+
+# -- 3.9 retries --------------------------------------------------------------------------------
+
+
+async def test_server_errors_are_retried_with_backoff_until_accepted(relay: Relay) -> None:
+    """Three 500s then a 200: four attempts recorded, with growing gaps, and the state lands."""
+    await relay.set_faults(fail_next=3, fail_next_status=500)
+    await relay.start()
+    wanted = state("bk-500")
+    (row_id,) = await relay.insert(wanted)
+    sent = await relay.wait_status(row_id, "delivered")
+    assert await relay.landed("bk-500") == wanted
+
+    requests = await relay.requests("bk-500")
+    assert [r["status_code"] for r in requests] == [500, 500, 500, 200]
+    base = FAST["relay_retry_base_delay"]
+    for n, (before, after) in enumerate(itertools.pairwise(requests)):
+        # Full jitter keeps at least half of base * 2**n.
+        assert after["arrival_ns"] - before["finished_ns"] >= base * 2**n / 2 * 1e9
+    assert (sent.attempt_count, sent.last_status_code) == (4, 200)
+    attempts = await relay.attempts(sent.id)
+    assert [a.status_code for a in attempts] == [500, 500, 500, 200]
+    assert all("Injected fault" in a.response_body for a in attempts[:3])
+    assert [a.error for a in attempts] == ["HTTP 500"] * 3 + [None]
+
+
+async def test_retry_after_on_429_is_honoured(relay: Relay) -> None:
+    """A 429 with `Retry-After: 1` is retried, and not before a second has passed."""
+    await relay.set_faults(fail_next=1, fail_next_status=429, retry_after_seconds=1)
+    await relay.start()
+    wanted = state("bk-429")
+    (row_id,) = await relay.insert(wanted)
+    sent = await relay.wait_status(row_id, "delivered")
+    first, second = await relay.requests("bk-429")
+    assert (first["status_code"], second["status_code"]) == (429, 200)
+    assert second["arrival_ns"] - first["finished_ns"] >= 1e9
+    assert sent.attempt_count == 2
+
+
+async def test_the_shortest_lease_start_up_accepts_still_sends(relay: Relay) -> None:
+    """RELAY_LEASE_SECONDS exactly RELAY_HTTP_TIMEOUT + 1s passes the start-up check (SPEC 3.3),
+    so a worker configured so must deliver, not claim and release forever."""
+    settings = relay.settings(relay_lease_seconds=2.0, relay_http_timeout=1.0)
+    assert settings.relay_lease_seconds - settings.relay_http_timeout == 1.0
+    await relay.start(relay_lease_seconds=2.0, relay_http_timeout=1.0)
+    wanted = state("bk-short-lease")
+    (row_id,) = await relay.insert(wanted)
+    await relay.wait_landed(wanted, timeout=3)
+    assert (await relay.delivery_of(row_id)).status == "delivered"
+
+
+async def test_other_client_answers_are_dead_at_once_with_the_answer_kept(relay: Relay) -> None:
+    """400, 403, 3xx and a real 422 are `dead` after one attempt, with status and body kept (the
+    body cut to 4 KiB)."""
+    await relay.start()
+    for code in (400, 403, 307):
+        await relay.set_faults(status=code)
+        (row_id,) = await relay.insert(state(f"bk-{code}"))
+        dead = await relay.wait_status(row_id, "dead")
+        assert (dead.attempt_count, dead.last_status_code) == (1, code)
+        (kept,) = await relay.attempts(dead.id)
+        assert kept.status_code == code
+        assert json.loads(kept.response_body) == {"detail": f"Injected fault (status): {code}"}
+    await relay.clear_faults()
+
+    # The emulator's own 422 for unknown SKUs, with an answer longer than 4 KiB.
+    menu = {"skus": ["KNOWN"], "reject_unknown": True}
+    (await relay.emulator.put("/_emulator/venues/venue-menu/menu", json=menu)).raise_for_status()
+    items = [{"sku": f"UNKNOWN-{n:03d}-" + "x" * 90, "quantity": 1} for n in range(60)]
+    (row_id,) = await relay.insert(state("bk-422", venue_id="venue-menu", items=items))
+    dead = await relay.wait_status(row_id, "dead")
+    assert (dead.attempt_count, dead.last_status_code) == (1, 422)
+    (kept,) = await relay.attempts(dead.id)
+    assert kept.response_body.startswith('{"detail":"Unknown SKU(s): UNKNOWN-000-')
+    assert len(kept.response_body.encode()) == 4096
+
+    await asyncio.sleep(0.3)
+    for code in (400, 403, 307, 422):
+        assert len(await relay.requests(f"bk-{code}")) == 1, code
+    assert await relay.bookings() == {}
+
+
+async def test_rejected_credentials_pause_dispatch_without_dead_letters(relay: Relay) -> None:
+    """While Mozrest answers 401, one probe per cool-down goes, nothing is dead, the worker
+    reports `rejected`; once accepted, everything is delivered."""
+    wanted = [state(f"bk-401-{n}") for n in range(10)]
+    await relay.insert(*wanted)
+    await relay.set_faults(status=401)
+    started = time.monotonic()
+    worker = await relay.start()
+    await eventually(lambda: worker.credentials_state == "rejected", timeout=2)
+    await eventually(lambda: _worker_column(relay, "credentials", "rejected"), timeout=2)
+    outage = 1.5
+    await asyncio.sleep(outage - (time.monotonic() - started))
+    assert worker.credentials_state == "rejected"
+    during = await relay.requests()
+    deliveries = await relay.deliveries()
+
+    cooldown = FAST["relay_circuit_cooldown"]
+    assert len(during) <= len(wanted) + outage / cooldown + 2, len(during)
+    assert {d.status for d in deliveries} <= {"pending", "retrying"}
+    # After the first burst, requests come no faster than one per cool-down.
+    probes = [r for r in during if r["arrival_ns"] > during[0]["arrival_ns"] + 0.5e9]
+    assert probes, "no probe during the pause"
+    for before, after in itertools.pairwise(probes):
+        assert after["arrival_ns"] - before["finished_ns"] >= (cooldown - 0.05) * 1e9
+
+    await relay.clear_faults()
+    for each in wanted:
+        await relay.wait_landed(each)
+    await eventually(
+        lambda: _all_status(relay, "delivered", len(wanted)), timeout=3, message="delivered"
+    )
+    assert worker.credentials_state == "ok"
+    # Paused deliveries were deferred, not attempted: one attempt row per request sent.
+    assert await relay.count(attempt) == len(await relay.requests())
+
+
+async def _worker_column(relay: Relay, column: str, value: str) -> bool:
+    async with relay.reader.connect() as conn:
+        rows = (await conn.execute(select(worker_table.c[column]))).scalars().all()
+    return list(rows) == [value]
+
+
+async def _all_status(relay: Relay, status: str, count: int) -> bool:
+    rows = await relay.deliveries()
+    return len(rows) == count and all(d.status == status for d in rows)
+
+
+# -- 3.10 outages -------------------------------------------------------------------------------
+
+
+async def test_circuit_breaker_bounds_requests_in_an_outage_then_the_backlog_drains(
+    relay: Relay,
+) -> None:
+    """Two seconds of 503s: the circuit opens and few requests reach Mozrest; once it recovers,
+    a backlog of 50 bookings drains and every state lands."""
+    wanted = [state(f"bk-outage-{n:02d}", partySize=n + 1) for n in range(50)]
+    await relay.insert(*wanted)
+    await relay.set_faults(status=503)
+    concurrency, threshold, cooldown, outage = 8, 3, 0.3, 2.0
+    worker = await relay.start(relay_concurrency=concurrency, relay_circuit_threshold=threshold)
+    started = time.monotonic()
+    seen: set[str] = set()
+    while time.monotonic() - started < outage:
+        seen.add(worker.circuit_state)
+        await asyncio.sleep(0.02)
+    assert "open" in seen
+    assert worker.circuit_state != "closed"
+    assert await _worker_row_circuit_open(relay)
+    received = len(await relay.requests())
+    assert received <= concurrency + threshold + outage / cooldown + 2, received
+
+    await relay.clear_faults()
+    for each in wanted:
+        await relay.wait_landed(each)
+    await eventually(lambda: _all_status(relay, "delivered", len(wanted)), timeout=3)
+    assert worker.circuit_state == "closed"
+    requests = await relay.requests()
+    assert sum(r["status_code"] == 200 for r in requests) == len(wanted)
+    assert await relay.count(attempt) == len(requests)
+    assert_one_at_a_time(requests)
+
+
+async def _worker_row_circuit_open(relay: Relay) -> bool:
+    async with relay.reader.connect() as conn:
+        circuit = (await conn.execute(select(worker_table.c.circuit))).scalar_one()
+    return circuit in ("open", "half_open")
+
+
+async def test_retry_max_age_ends_a_failing_delivery_dead(relay: Relay) -> None:
+    """With RELAY_RETRY_MAX_AGE=1s and Mozrest failing for good, the delivery ends `dead`, not
+    before its age passed, and no request follows."""
+    await relay.set_faults(status=503)
+    await relay.start(relay_retry_max_age=1.0)
+    (row_id,) = await relay.insert(state("bk-old"))
+    dead = await relay.wait_status(row_id, "dead", timeout=4)
+    assert dead.attempt_count >= 2
+    assert dead.last_status_code == 503
+    assert (dead.updated_at - dead.created_at).total_seconds() >= 1.0
+    count = len(await relay.requests("bk-old"))
+    await asyncio.sleep(0.5)
+    assert len(await relay.requests("bk-old")) == count
+    assert await relay.bookings() == {}
+
+
+# -- 3.8 bad input ------------------------------------------------------------------------------
+
+
+async def test_invalid_rows_are_named_and_never_block_the_rows_around_them(relay: Relay) -> None:
+    """Malformed rows are `invalid` with the field named; valid rows around them are delivered,
+    and a later valid row of a booking with an invalid one proceeds."""
+    first, last = state("bk-valid-1"), state("bk-valid-2")
+    too_big = json.dumps(state("bk-big", notes="x" * 70_000))
+    bad: list[tuple[str, str, str, str]] = [
+        ("bk-array", "venue-1", json.dumps([state("bk-array")]), "payload"),
+        ("bk-string", "venue-1", json.dumps("seated"), "payload"),
+        ("bk-missing", "venue-1", json.dumps(state("bk-missing", partySize=None)), "partySize"),
+        ("bk-type", "venue-1", json.dumps(state("bk-type", partySize="4")), "partySize"),
+        (
+            "bk-item",
+            "venue-1",
+            json.dumps(state("bk-item", items=[{"sku": "A", "quantity": 0}])),
+            "items[0].quantity",
+        ),
+        ("bk-column", "venue-1", json.dumps(state("bk-other")), "bookingId"),
+        ("bk-venue", "venue-2", json.dumps(state("bk-venue")), "venueId"),
+        ("bk-unknown", "venue-1", json.dumps(state("bk-unknown", colour="red")), "colour"),
+        ("bk-big", "venue-1", too_big, "payload"),
+    ]
+    (first_id,) = await relay.insert(first)
+    bad_ids = [await relay.insert_raw(b, v, p) for b, v, p, _ in bad]
+    (last_id,) = await relay.insert(last)
+    await relay.start()
+    await relay.wait_landed(first)
+    await relay.wait_landed(last)
+
+    rows = {row.id: row for row in await relay.outbox_rows()}
+    assert (rows[first_id].outcome, rows[last_id].outcome) == ("queued", "queued")
+    for row_id, (_, _, _, field) in zip(bad_ids, bad, strict=True):
+        row = rows[row_id]
+        assert row.outcome == "invalid", field
+        assert row.processed_at is not None
+        assert row.error.startswith(f"{field}: "), (field, row.error)
+    assert "limit" in rows[bad_ids[-1]].error
+    assert {d.booking_id for d in await relay.deliveries()} == {"bk-valid-1", "bk-valid-2"}
+
+    fixed = state("bk-item", items=[{"sku": "A", "quantity": 1}])
+    (fixed_id,) = await relay.insert(fixed)
+    await relay.wait_landed(fixed)
+    assert await relay.outcomes(fixed_id) == ["queued"]
+
+
+# -- 3.7 items ----------------------------------------------------------------------------------
+
+
+async def test_emptying_items_is_sent_with_a_warning_and_mozrest_keeps_the_old_items(
+    relay: Relay,
+) -> None:
+    """A change that empties the items is sent without `items` and the delivery warns that the
+    POS may keep them, as the emulator's order shows."""
+    await relay.start()
+    with_items = state("bk-items", items=ITEMS)
+    await relay.insert(with_items)
+    await relay.wait_landed(with_items)
+    emptied = state("bk-items")
+    (row_id,) = await relay.insert({**emptied, "items": []})
+    await relay.wait_landed(emptied)
+
+    sent = await relay.wait_status(row_id, "delivered")
+    assert sent.changed_fields == ["items"]
+    (warning,) = sent.warnings
+    assert "items" in warning
+    held = (await relay.bookings())["bk-items"]
+    assert held["order_items"] == ITEMS
+    assert held["order_items_kept"] is True
+
+
+async def test_send_items_false_strips_items_from_every_payload(relay: Relay) -> None:
+    """With RELAY_SEND_ITEMS=false no payload carries `items`, and an items-only change is a
+    no-op."""
+    await relay.start(relay_send_items=False)
+    first = state("bk-no-items", items=ITEMS)
+    await relay.insert(first)
+    stripped = state("bk-no-items")
+    await relay.wait_landed(stripped)
+    (items_only,) = await relay.insert(state("bk-no-items", items=ITEMS[:1]))
+    assert await relay.wait_processed(items_only) == ["unchanged"]
+    bigger = state("bk-no-items", partySize=5, items=ITEMS)
+    await relay.insert(bigger)
+    await relay.wait_landed(state("bk-no-items", partySize=5))
+
+    requests = await relay.requests("bk-no-items")
+    assert len(requests) == 2
+    assert all("items" not in r["body"] for r in requests)
+    assert all("items" not in d.payload for d in await relay.deliveries())
+    assert (await relay.bookings())["bk-no-items"]["order_items"] == []
+
+
+# -- 3.2 and 3.3 newest wins, one at a time -----------------------------------------------------
+
+
+async def test_newest_state_wins_while_one_is_on_the_wire(relay: Relay) -> None:
+    """A on the wire, then B and C arrive: exactly A then C land, B is superseded, and the two
+    requests never overlap."""
+    await relay.set_faults(latency_ms=500)
+    await relay.start()
+    a, b, c = (state("bk-wire", partySize=n) for n in (2, 3, 4))
+    (a_id,) = await relay.insert(a)
+    await eventually(lambda: _leased(relay, a_id), timeout=3)
+    (b_id,) = await relay.insert(b)
+    assert await relay.wait_processed(b_id) == ["queued"]
+    (c_id,) = await relay.insert(c)
+    assert await relay.wait_processed(c_id) == ["queued"]
+    assert await relay.requests("bk-wire") == []  # A is still on the wire
+
+    await relay.wait_landed(c)
+    await asyncio.sleep(0.2)
+    requests = await relay.requests("bk-wire")
+    assert [r["body"] for r in requests] == [a, c]
+    assert_one_at_a_time(requests)
+    assert (await relay.delivery_of(a_id)).status == "delivered"
+    assert (await relay.delivery_of(b_id)).status == "superseded"
+    assert (await relay.delivery_of(c_id)).status == "delivered"
+    assert (await relay.bookings())["bk-wire"]["accepted_count"] == 2
+
+
+# -- 3.11 shutdown ------------------------------------------------------------------------------
+
+
+async def test_a_stopped_worker_always_returns_within_its_grace(relay: Relay) -> None:
+    """Stopped at any instant, even in the middle of a database call, the worker finishes within
+    RELAY_SHUTDOWN_GRACE, cycle after cycle (SIGTERM's promise, SPEC 3.11)."""
+    grace = 1.0
+    # Busy loops, so that a stop often lands in the middle of a transaction.
+    settings = relay.settings(
+        relay_poll_interval=0.005, relay_heartbeat_interval=0.01, relay_shutdown_grace=grace
+    )
+    pace = random.Random(7)
+    for cycle in range(25):
+        worker = build_worker(settings, build_store(settings, relay.engine))
+        task = asyncio.create_task(worker.run(), name=f"worker-{cycle}")
+        for n in range(5):
+            await relay.insert(state(f"bk-{cycle}-{n}", status="booked"))
+            await asyncio.sleep(pace.uniform(0, 0.03))
+        worker.stop()
+        done, _ = await asyncio.wait({task}, timeout=grace + 3)
+        assert done, f"cycle {cycle}: the worker was still stopping {grace + 3:g}s after stop()"
+        task.result()
+        await worker.publisher.aclose()
+    # Nothing was lost: a last worker decides what the last stop left unread, and every row is
+    # decided exactly once.
+    worker = build_worker(settings, build_store(settings, relay.engine))
+    task = asyncio.create_task(worker.run(), name="worker-last")
+
+    async def all_decided() -> bool:
+        return {row.outcome for row in await relay.outbox_rows()} == {"held"}
+
+    await eventually(all_decided, timeout=10)
+    worker.stop()
+    await task
+    await worker.publisher.aclose()
+    assert len(await relay.outbox_rows()) == 25 * 5
+
+
+# -- 3.12 retention -----------------------------------------------------------------------------
+
+
+async def test_retention_prunes_terminal_rows_and_idle_snapshots_but_not_pending_work(
+    relay: Relay,
+) -> None:
+    """Pruning with zero retention removes delivered and dead deliveries, their attempts and idle
+    snapshots; pending deliveries, unprocessed rows and their bookings' snapshots stay."""
+    await relay.start()
+    delivered = state("bk-done")
+    (done_id,) = await relay.insert(delivered)
+    await relay.wait_status(done_id, "delivered")
+    await relay.set_faults(fail_next=1, fail_next_status=400)
+    (dead_id,) = await relay.insert(state("bk-dead"))
+    await relay.wait_status(dead_id, "dead")
+    await relay.clear_faults()
+    await relay.stop()
+
+    store = relay.store()
+    pending = state("bk-pending")
+    (pending_id,) = await relay.insert(pending)
+    assert (await store.ingest(limit=100)) is not None
+    newer = state("bk-done", partySize=5)
+    (unprocessed_id,) = await relay.insert(newer)
+    terminal_ids = [(await relay.delivery_of(i)).id for i in (done_id, dead_id)]
+
+    removed = await store.prune(retention_seconds=0)
+    assert removed["deliveries"] == 2
+    assert removed["bookings"] == 1
+    assert [(d.outbox_id, d.status) for d in await relay.deliveries()] == [(pending_id, "pending")]
+    assert all(a.delivery_id not in terminal_ids for a in await relay.attempts())
+    assert await relay.count(attempt) == 0
+    remaining = {row.id: row for row in await relay.outbox_rows()}
+    assert done_id not in remaining and dead_id not in remaining
+    assert remaining[unprocessed_id].processed_at is None
+    async with relay.reader.connect() as conn:
+        snapshots = set((await conn.execute(select(booking.c.booking_id))).scalars())
+    assert snapshots == {"bk-done", "bk-pending"}  # bk-dead was idle
+
+    await relay.start()
+    await relay.wait_landed(pending)
+    await relay.wait_landed(newer)
+    kept_snapshot = await relay.wait_status(unprocessed_id, "delivered")
+    assert kept_snapshot.changed_fields == ["partySize"]  # compared with the kept snapshot

@@ -110,6 +110,7 @@ class Worker:
         self._stopping.set()
         self._ingest_wakeup.set()
         self._dispatch_wakeup.set()
+        self._state_changed.set()
 
     def wake_ingest(self) -> None:
         """New outbox rows may be waiting (a NOTIFY arrived)."""
@@ -125,7 +126,10 @@ class Worker:
 
     async def run(self) -> None:
         info = WorkerInfo(id=self.id, hostname=socket.gethostname(), pid=os.getpid(), role="worker")
-        await self._with_retries(lambda: self.store.register_worker(info), "register")
+        try:
+            await self._with_retries(lambda: self.store.register_worker(info), "register")
+        except StoreError:
+            return  # stopped before the database ever answered: nothing was claimed
         log_event(log, logging.INFO, "worker.started", worker_id=self.id)
         recorder = asyncio.create_task(self._record_loop(), name="record")
         loops = [
@@ -137,19 +141,22 @@ class Worker:
         try:
             await self._stopping.wait()
         finally:
-            self._stopping.set()
-            for task in loops:
+            self.stop()
+            deadline = time.monotonic() + self.config.shutdown_grace_seconds
+            # Loops leave at their next check, never in the middle of a transaction (a cancelled
+            # SQLite transaction can hold the write lock past the grace); cancel only stragglers.
+            _, stragglers = await asyncio.wait(loops, timeout=self.config.shutdown_grace_seconds)
+            for task in stragglers:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
-            await self._drain(recorder)
+            await self._drain(recorder, deadline=deadline)
             with contextlib.suppress(StoreError):
                 await asyncio.wait_for(self.store.mark_stopped(self.id), timeout=5)
             log_event(log, logging.INFO, "worker.stopped", worker_id=self.id)
 
-    async def _drain(self, recorder: asyncio.Task[None]) -> None:
+    async def _drain(self, recorder: asyncio.Task[None], *, deadline: float) -> None:
         """Let requests on the wire finish within the grace; release what never left; record
         every answer that came back."""
-        deadline = time.monotonic() + self.config.shutdown_grace_seconds
         tasks = list(self._in_flight)
         if tasks:
             log_event(log, logging.INFO, "worker.draining", in_flight=len(tasks))
@@ -173,8 +180,11 @@ class Worker:
         except TimeoutError:
             log_event(log, logging.ERROR, "worker.unrecorded", attempts=self._results.qsize())
 
-    async def _with_retries(self, call: Callable[[], Awaitable[T]], what: str) -> T:
-        """Run a store call, riding out database outages until it succeeds or we stop."""
+    async def _with_retries(
+        self, call: Callable[[], Awaitable[T]], what: str, *, until_stopped: bool = True
+    ) -> T:
+        """Run a store call, riding out database outages until it succeeds or, when
+        `until_stopped`, the worker stops (the last `StoreError` is then raised)."""
 
         def log_retry(state: object) -> None:
             outcome = getattr(state, "outcome", None)
@@ -185,6 +195,7 @@ class Worker:
             retry=retry_if_exception_type(StoreError),
             wait=wait_random_exponential(multiplier=0.1, max=5.0),
             before_sleep=log_retry,
+            stop=lambda _: until_stopped and self._stopping.is_set(),
             reraise=True,
         ):
             with attempt:
@@ -246,6 +257,11 @@ class Worker:
                     ),
                     "claim",
                 )
+                if claims and self._stopping.is_set():
+                    # Stopped while claiming: these never left.
+                    with contextlib.suppress(StoreError):
+                        await self.store.release(claims)
+                    break
                 if probe and claims:
                     self._probe_in_flight = True
                     for gate in (self.circuit, self.credentials):
@@ -384,7 +400,7 @@ class Worker:
 
     async def _record(self, batch: list[AttemptResult]) -> None:
         settled = await self._with_retries(
-            lambda: self.store.record(batch, worker_id=self.id), "record"
+            lambda: self.store.record(batch, worker_id=self.id), "record", until_stopped=False
         )
         woke = False
         for result, outcome in zip(batch, settled, strict=True):

@@ -126,7 +126,9 @@ def publish(figures: Figures) -> Figures:
 def sync_url(database_url: str) -> str:
     """The relay's async URL, for the test's own (synchronous) connections."""
     url = make_url(database_url)
-    driver = "postgresql+psycopg2" if url.get_backend_name() == "postgresql" else "sqlite"
+    driver = {"postgresql": "postgresql+psycopg2", "mysql": "mysql+pymysql"}.get(
+        url.get_backend_name(), "sqlite"
+    )
     return url.set(drivername=driver).render_as_string(hide_password=False)
 
 
@@ -137,7 +139,7 @@ class Rms:
         self.database_url = database_url
         url = sync_url(database_url)
         kwargs: dict[str, Any] = {}
-        if url.startswith("postgresql"):
+        if url.startswith(("postgresql", "mysql")):
             kwargs = {"pool_size": pool_size, "max_overflow": 0, "pool_pre_ping": True}
         else:
             kwargs = {"connect_args": {"timeout": 30}}

@@ -93,4 +93,5 @@ def test_make_run_on_a_fresh_clone_delivers_an_enqueued_booking(tmp_path: Path) 
         exit_code = make.wait(60)
     output = log_path.read_text()
     assert "make run: stopped" in output, output
-    assert exit_code in (0, 2), output  # make reports an interrupt as 2 on some versions
+    # make itself dies of the interrupt (-2) or reports it (2) once its child has stopped cleanly.
+    assert exit_code in (0, 2, -2), output

@@ -25,6 +25,7 @@ from app.publisher import PartnerApi
 from app.runtime import build_engine, build_store, build_worker, start_listener
 from app.settings import Settings
 from app.store import Store, StoreError
+from app.store_admin import ConflictError, NotFoundError
 from app.worker import Worker
 
 log = get_logger("api")
@@ -121,6 +122,14 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
     @app.exception_handler(StoreError)
     async def _store_unavailable(request: Request, exc: StoreError) -> JSONResponse:
         return JSONResponse({"detail": f"database unavailable: {exc}"}, status_code=503)
+
+    @app.exception_handler(NotFoundError)
+    async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(ConflictError)
+    async def _conflict(request: Request, exc: ConflictError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

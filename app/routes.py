@@ -43,7 +43,7 @@ from app.schemas import (
     WorkerProcess,
     storable_text,
 )
-from app.store_admin import ConflictError, NotFoundError
+from app.store_admin import NotFoundError
 
 log = get_logger("api")
 
@@ -222,10 +222,7 @@ async def requeue_deliveries(body: RequeueRequest, runtime: RuntimeDep) -> Reque
     responses=NOT_FOUND,
 )
 async def get_delivery(delivery_id: DeliveryId, runtime: RuntimeDep) -> DeliveryDetail:
-    try:
-        row, attempts = await runtime.store.get_delivery(delivery_id)
-    except NotFoundError as exc:
-        raise HTTPException(404, str(exc)) from None
+    row, attempts = await runtime.store.get_delivery(delivery_id)
     return DeliveryDetail(**row, attempts=[Attempt(**a) for a in attempts])
 
 
@@ -238,12 +235,7 @@ async def get_delivery(delivery_id: DeliveryId, runtime: RuntimeDep) -> Delivery
     responses={**NOT_FOUND, **CONFLICT},
 )
 async def requeue_delivery(delivery_id: DeliveryId, runtime: RuntimeDep) -> Delivery:
-    try:
-        row = await runtime.store.requeue_delivery(delivery_id)
-    except NotFoundError as exc:
-        raise HTTPException(404, str(exc)) from None
-    except ConflictError as exc:
-        raise HTTPException(409, str(exc)) from None
+    row = await runtime.store.requeue_delivery(delivery_id)  # 404 and 409 by the app's handlers
     log_event(
         log,
         logging.INFO,
@@ -262,12 +254,7 @@ async def requeue_delivery(delivery_id: DeliveryId, runtime: RuntimeDep) -> Deli
     responses={**NOT_FOUND, **CONFLICT},
 )
 async def cancel_delivery(delivery_id: DeliveryId, runtime: RuntimeDep) -> Delivery:
-    try:
-        row = await runtime.store.cancel_delivery(delivery_id)
-    except NotFoundError as exc:
-        raise HTTPException(404, str(exc)) from None
-    except ConflictError as exc:
-        raise HTTPException(409, str(exc)) from None
+    row = await runtime.store.cancel_delivery(delivery_id)  # 404 and 409 by the app's handlers
     log_event(
         log,
         logging.INFO,

@@ -20,8 +20,14 @@ from app.models import outbox
 DATABASE = "mozrest_driver_bench"
 ROWS = 200
 ROUNDS = 3
-PAYLOAD = {"bookingId": "b", "venueId": "v1", "partySize": 4, "status": "seated",
-           "tables": ["T1"], "date": 1639578600}
+PAYLOAD = {
+    "bookingId": "b",
+    "venueId": "v1",
+    "partySize": 4,
+    "status": "seated",
+    "tables": ["T1"],
+    "date": 1639578600,
+}
 
 
 async def measure(driver: str) -> tuple[float, float]:
@@ -37,16 +43,27 @@ async def measure(driver: str) -> tuple[float, float]:
             async with engine.begin() as conn:
                 await conn.execute(
                     outbox.insert(),
-                    [{"booking_id": f"b{batch}-{i}", "venue_id": "v1", "payload": PAYLOAD}
-                     for i in range(ROWS)],
+                    [
+                        {"booking_id": f"b{batch}-{i}", "venue_id": "v1", "payload": PAYLOAD}
+                        for i in range(ROWS)
+                    ],
                 )
-                ids = (await conn.execute(
-                    select(outbox.c.id).where(outbox.c.processed_at.is_(None))
-                    .order_by(outbox.c.id).limit(ROWS)
-                )).scalars().all()
+                ids = (
+                    (
+                        await conn.execute(
+                            select(outbox.c.id)
+                            .where(outbox.c.processed_at.is_(None))
+                            .order_by(outbox.c.id)
+                            .limit(ROWS)
+                        )
+                    )
+                    .scalars()
+                    .all()
+                )
                 await conn.execute(
-                    update(outbox).where(outbox.c.id == bindparam("i")).values(outcome="queued",
-                        processed_at=text("UTC_TIMESTAMP(6)")),
+                    update(outbox)
+                    .where(outbox.c.id == bindparam("i"))
+                    .values(outcome="queued", processed_at=text("UTC_TIMESTAMP(6)")),
                     [{"i": i} for i in ids],
                 )
         rows_per_second = 20 * ROWS / (time.perf_counter() - start)
@@ -69,8 +86,10 @@ async def main() -> None:
         await conn.execute(text(f"DROP DATABASE IF EXISTS {DATABASE}"))
     await admin.dispose()
     for driver, runs in results.items():
-        print(f"{driver:9} round trips/s {statistics.median(r[0] for r in runs):8.0f}   "
-              f"ingest-like rows/s {statistics.median(r[1] for r in runs):8.0f}")
+        print(
+            f"{driver:9} round trips/s {statistics.median(r[0] for r in runs):8.0f}   "
+            f"ingest-like rows/s {statistics.median(r[1] for r in runs):8.0f}"
+        )
 
 
 if __name__ == "__main__":

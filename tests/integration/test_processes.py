@@ -216,9 +216,7 @@ async def test_a_killed_workers_claim_is_finished_by_another_after_its_lease(
     ends, not before, and the delivery ends delivered."""
     db, emulator = world
     await db.set_faults(latency_ms=2000)
-    # RELAY_HTTP_TIMEOUT=2 would be the documented limit, but a lease of exactly timeout + 1s
-    # never sends (see test_engine's test_the_shortest_accepted_lease_still_sends).
-    env = worker_env(database_url, emulator, RELAY_LEASE_SECONDS="3", RELAY_HTTP_TIMEOUT="1.5")
+    env = worker_env(database_url, emulator, RELAY_LEASE_SECONDS="3", RELAY_HTTP_TIMEOUT="2")
     first = launcher.start("worker", env=env)
     await eventually(lambda: db.registered(1), timeout=20, message="worker registered")
     wanted = state("bk-killed")

@@ -241,7 +241,7 @@ class Store(AdminQueries):
             new_bookings: list[dict[str, Any]] = []
             touched_bookings: list[dict[str, Any]] = []
             new_deliveries: list[dict[str, Any]] = []
-            superseded: list[int] = []
+            superseded: list[Any] = []
             for booking_id in sorted(newest):
                 row, state = newest[booking_id]
                 known = bookings.get(booking_id)
@@ -251,7 +251,7 @@ class Store(AdminQueries):
                 in_flight = [d for d in active[booking_id] if _leased(d, now)]
                 queued = [d for d in active[booking_id] if not _leased(d, now)]
                 # Only the newest queued state matters; older ones (left by a crash) go now.
-                superseded.extend(d.id for d in queued[:-1])
+                superseded.extend(queued[:-1])
                 view = BookingView(
                     accepted=known.accepted_payload if known is not None else None,
                     in_flight=in_flight[-1].payload if in_flight else None,
@@ -262,7 +262,7 @@ class Store(AdminQueries):
                 decision = decide(state, view, self.send_statuses)
                 outcomes[row.id] = (decision.outcome, None)
                 if decision.supersede_queued and queued:
-                    superseded.append(queued[-1].id)
+                    superseded.append(queued[-1])
                 if decision.outcome is Outcome.QUEUED:
                     new_deliveries.append(
                         {
@@ -308,12 +308,7 @@ class Store(AdminQueries):
                         for b in touched_bookings
                     ],
                 )
-            if superseded:
-                await conn.execute(
-                    update(delivery)
-                    .where(delivery.c.id.in_(superseded))
-                    .values(status="superseded", updated_at=now, next_attempt_at=None)
-                )
+            await self._supersede(conn, superseded, now)
             if new_deliveries:
                 await conn.execute(insert(delivery), new_deliveries)
             await self._mark_processed(conn, outcomes, now)
@@ -321,6 +316,23 @@ class Store(AdminQueries):
                 rows=len(rows),
                 outcomes=Counter(str(outcome) for outcome, _ in outcomes.values()),
                 queued=len(new_deliveries),
+            )
+
+    @staticmethod
+    async def _supersede(conn: AsyncConnection, deliveries: list[Any], now: datetime) -> None:
+        """A newer state replaces these before they landed. A state that never left is, in the
+        outbox too, `superseded` (SPEC 3.4) rather than `queued`."""
+        if not deliveries:
+            return
+        await conn.execute(
+            update(delivery)
+            .where(delivery.c.id.in_([d.id for d in deliveries]))
+            .values(status="superseded", updated_at=now, next_attempt_at=None)
+        )
+        never_sent = [d.outbox_id for d in deliveries if d.attempt_count == 0]
+        if never_sent:
+            await conn.execute(
+                update(outbox).where(outbox.c.id.in_(never_sent)).values(outcome="superseded")
             )
 
     @staticmethod
@@ -401,7 +413,7 @@ class Store(AdminQueries):
             expires = now + timedelta(seconds=lease_seconds)
             token = uuid.uuid4().hex
             chosen: list[Any] = []
-            stale: list[int] = []
+            stale: list[Any] = []
             # Oldest due first, as the candidates came.
             for booking_id in dict.fromkeys(candidates):
                 if booking_id not in bookings or len(chosen) >= limit:
@@ -412,20 +424,15 @@ class Store(AdminQueries):
                 if _quiet_until(bookings[booking_id], now) > now:
                     continue  # an unanswered request may still be on its way
                 newest = deliveries[-1]
-                stale.extend(d.id for d in deliveries[:-1])
+                stale.extend(deliveries[:-1])
                 sent = bookings[booking_id].sent_outbox_id
                 if sent is not None and newest.outbox_id < sent:
-                    stale.append(newest.id)  # never send a state older than one already sent
+                    stale.append(newest)  # never send a state older than one already sent
                     continue
                 if newest.next_attempt_at is None or newest.next_attempt_at > now:
                     continue
                 chosen.append(newest)
-            if stale:
-                await conn.execute(
-                    update(delivery)
-                    .where(delivery.c.id.in_(stale))
-                    .values(status="superseded", updated_at=now, next_attempt_at=None)
-                )
+            await self._supersede(conn, stale, now)
             if not chosen:
                 return []
             ids = [d.id for d in chosen]

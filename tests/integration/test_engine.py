@@ -545,9 +545,10 @@ async def test_states_committed_while_no_worker_ran_are_decided_before_queued_wo
     await asyncio.sleep(0.2)
     assert await relay.requests("bk-cancel") == [], "the seated state of a cancelled booking left"
     assert [r["body"] for r in await relay.requests("bk-aba")] == [a], "B left after A again"
+    # B and the seated state were queued, then replaced before they left: superseded (SPEC 3.4).
     assert await relay.outcomes(b_id, seated_id, a_again, cancelled) == [
-        "queued",
-        "queued",
+        "superseded",
+        "superseded",
         "unchanged",
         "held",
     ]

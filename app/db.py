@@ -151,9 +151,12 @@ def create_engine(database_url: str, *, pool_size: int = 5, echo: bool = False) 
             "server_settings": {
                 "application_name": "mozrest-relay",
                 # Every relay query is a key lookup or an ordered index scan with a LIMIT. On a
-                # queue table whose statistics lag (a fresh drain, a burst), the planner picks a
-                # bitmap scan plus a sort and reads every due row instead of the first few.
+                # queue table whose statistics lag (a fresh drain, a burst, autovacuum behind),
+                # the planner picks a bitmap scan plus a sort and reads every due row instead of
+                # the first few, or scans a whole table for a list of keys. A query with no
+                # usable index still runs: these only steer the planner's choice.
                 "enable_bitmapscan": "off",
+                "enable_seqscan": "off",
             },
             "command_timeout": 60,
         }

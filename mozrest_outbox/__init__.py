@@ -47,9 +47,11 @@ def outbox_insert(payload: dict[str, Any]) -> Any:
 
 def enqueue(session: Any, payload: dict[str, Any]) -> None:
     """Add the booking's full current state to the outbox in `session`'s transaction."""
-    session.execute(outbox_insert(payload))
+    statement = outbox_insert(payload)  # a bad payload is refused before the session is touched
+    session.execute(statement)
 
 
 async def enqueue_async(session: Any, payload: dict[str, Any]) -> None:
     """`enqueue` for an `AsyncSession` or `AsyncConnection`."""
-    await session.execute(outbox_insert(payload))
+    statement = outbox_insert(payload)
+    await session.execute(statement)

@@ -47,6 +47,11 @@ def _write_all(writer: ChangeWriter) -> float:
     return writer.join(timeout=writer.total / writer.rate * 3 + 60)
 
 
+def on_database(database_url: str) -> str:
+    """A label for scenarios that also run on MariaDB; PostgreSQL is the default."""
+    return ", MariaDB" if database_url.startswith("mysql") else ""
+
+
 def receiver_faults(launcher: Launcher, database_url: str) -> Figures:
     """The receiver answers 20% 500s, times out 5%, drops 2% and sends bursts of 429 with
     Retry-After, while three relays deliver; the faults last until everything has settled, so
@@ -103,7 +108,7 @@ def receiver_faults(launcher: Launcher, database_url: str) -> Figures:
     rms.close()
     return publish(
         Figures.from_report(
-            "receiver faults (500 / timeout / drop / 429 bursts)",
+            "receiver faults (500 / timeout / drop / 429 bursts)" + on_database(database_url),
             report,
             settled - written,
             f"{total:,} requests: {errors / total:.0%} 500, {slow / total:.1%} over the timeout, "
@@ -142,7 +147,7 @@ def worker_kills(launcher: Launcher, database_url: str) -> Figures:
     rms.close()
     return publish(
         Figures.from_report(
-            "worker SIGKILLed and restarted",
+            "worker SIGKILLed and restarted" + on_database(database_url),
             report,
             settled - last_restart,
             f"{kills} kills, one every {interval:g} s, 3 workers, lease 3 s",

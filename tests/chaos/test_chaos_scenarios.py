@@ -24,7 +24,7 @@ from tests.chaos.harness import (
     start_worker,
     wait_settled,
 )
-from tests.conftest import Launcher, PostgresDatabases
+from tests.conftest import Launcher, MysqlDatabases, PostgresDatabases
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(scaled(170, 1500))]
 
@@ -50,6 +50,19 @@ def pg_database(postgres: PostgresDatabases | None) -> Iterator[str]:
         postgres.drop(name)
 
 
+@pytest.fixture
+def mariadb_database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, migrated database on the MariaDB server, when the MySQL tests are on."""
+    databases: MysqlDatabases | None = request.getfixturevalue("mysql")
+    if databases is None:
+        pytest.skip("MariaDB tests are off (set TEST_MYSQL=1)")
+    name = databases.create()
+    try:
+        yield databases.url(name)
+    finally:
+        databases.drop(name)
+
+
 def assert_invariants(figures: Figures) -> None:
     assert figures.report is not None
     assert figures.report.ok, figures.report.describe()
@@ -65,6 +78,16 @@ def test_receiver_faults_lose_nothing(launcher: Launcher, pg_database: str) -> N
 def test_killed_workers_lose_nothing(launcher: Launcher, pg_database: str) -> None:
     """SIGKILL every few seconds: the killed process's claims are taken over after the lease."""
     assert_invariants(scenarios.worker_kills(launcher, pg_database))
+
+
+def test_receiver_faults_lose_nothing_on_mariadb(launcher: Launcher, mariadb_database: str) -> None:
+    """The receiver-faults scenario with the relay on MariaDB: same invariants."""
+    assert_invariants(scenarios.receiver_faults(launcher, mariadb_database))
+
+
+def test_killed_workers_lose_nothing_on_mariadb(launcher: Launcher, mariadb_database: str) -> None:
+    """SIGKILL and restart with the relay on MariaDB: claims are taken over, nothing lost."""
+    assert_invariants(scenarios.worker_kills(launcher, mariadb_database))
 
 
 def test_database_restart_is_ridden_out(launcher: Launcher) -> None:

@@ -1,0 +1,71 @@
+"""The RMS-side helper `mozrest_outbox`: one outbox row inside the RMS's own transaction."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
+
+from mozrest_outbox import enqueue, enqueue_async
+
+SEATED = {
+    "bookingId": "bk-helper",
+    "venueId": "v1",
+    "partySize": 2,
+    "status": "seated",
+    "tables": ["T1"],
+    "date": 1639578600,
+    "notes": "Zoë 🎉",
+}
+SYNC_DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg2", "mysql": "mysql+pymysql"}
+
+
+def _sync_url(database_url: str) -> str:
+    url = make_url(database_url)
+    return url.set(drivername=SYNC_DRIVERS[url.get_backend_name()]).render_as_string(
+        hide_password=False
+    )
+
+
+async def _rows(engine: AsyncEngine) -> list[tuple[str, str]]:
+    async with engine.connect() as conn:
+        result = await conn.execute(text("SELECT booking_id, venue_id FROM mozrest_outbox"))
+        return [(row[0], row[1]) for row in result]
+
+
+async def test_enqueue_commits_and_rolls_back_with_the_rms_transaction(
+    database_url: str, engine: AsyncEngine
+) -> None:
+    """A synchronous Session's rolled-back transaction leaves no row; a committed one leaves
+    exactly one, with the booking and venue columns taken from the payload."""
+    sync_engine = create_engine(_sync_url(database_url))
+    try:
+        with Session(sync_engine) as session:
+            with session.begin():
+                enqueue(session, SEATED)
+                session.rollback()
+        assert await _rows(engine) == []
+        with Session(sync_engine) as session, session.begin():
+            enqueue(session, SEATED)
+        assert await _rows(engine) == [("bk-helper", "v1")]
+    finally:
+        sync_engine.dispose()
+
+
+async def test_enqueue_async_joins_an_async_session(engine: AsyncEngine) -> None:
+    """`enqueue_async` writes through an AsyncSession and commits with it."""
+    async with AsyncSession(engine) as session, session.begin():
+        await enqueue_async(session, SEATED)
+    assert await _rows(engine) == [("bk-helper", "v1")]
+
+
+def test_enqueue_refuses_a_payload_without_its_ids() -> None:
+    """A payload that is not a dict, or lacks bookingId or venueId, is refused before any SQL."""
+    with pytest.raises(TypeError):
+        enqueue(None, [SEATED])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bookingId"):
+        enqueue(None, {**SEATED, "bookingId": ""})
+    with pytest.raises(ValueError, match="venueId"):
+        enqueue(None, {k: v for k, v in SEATED.items() if k != "venueId"})

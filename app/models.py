@@ -108,14 +108,7 @@ delivery = Table(
         postgresql_where=text(_active),
         sqlite_where=text(_active),
     ),
-    # The active deliveries of a batch of bookings: read by ingest, claim and record on every
-    # batch. Without it PostgreSQL reads the whole due index to filter booking ids.
-    Index(
-        "ix_mozrest_delivery_active_booking_id",
-        "booking_id",
-        postgresql_where=text(_active),
-        sqlite_where=text(_active),
-    ).ddl_if(dialect=("postgresql", "sqlite")),  # type: ignore[arg-type] # a tuple is allowed
+    # Read on every batch by ingest, claim and record (`Store._active_deliveries`).
     Index("ix_mozrest_delivery_booking_id", "booking_id", "id"),
     Index("ix_mozrest_delivery_status", "status", "id"),
     Index("ix_mozrest_delivery_venue_id", "venue_id", "id"),

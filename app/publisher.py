@@ -31,6 +31,8 @@ class WebhookAnswer:
     body: str | None = None
     error: str | None = None
     retry_after_seconds: float | None = None
+    may_have_landed: bool = True
+    """False only when the request surely never reached Mozrest (the connection failed)."""
 
 
 class Publisher(Protocol):
@@ -114,6 +116,8 @@ class HttpPublisher:
                 duration_ms=_elapsed_ms(start),
                 started_at=started_at,
                 error=f"{type(exc).__name__}: {str(exc)[:300] or 'connection failed'}",
+                # No connection, no request: nothing of it can land later.
+                may_have_landed=not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout),
             )
         retry_after = parse_retry_after(
             response.headers.get("Retry-After"), now=_server_time(response)

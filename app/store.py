@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, bindparam, case, cast, delete, insert, select, update
+from sqlalchemy import Text, bindparam, case, cast, delete, insert, null, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.contract import ContractError, State, parse_row
@@ -74,6 +74,8 @@ class AttemptResult:
     error: str | None = None
     response_body: str | None = None
     retry_after_seconds: float | None = None
+    may_have_landed: bool = True
+    """For an attempt with no answer: whether the request may still reach Mozrest."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,18 +165,26 @@ class Store(AdminQueries):
     async def _active_deliveries(
         conn: AsyncConnection, booking_ids: Iterable[str]
     ) -> dict[str, list[Any]]:
-        """Pending and retrying deliveries of these bookings, oldest state first."""
+        """Pending and retrying deliveries of these bookings, oldest state first.
+
+        The status is filtered here, not in SQL: with `status IN (...)` in the query, PostgreSQL
+        planned it onto the admin `(status, id)` index whenever statistics lagged a burst, and
+        read every active delivery of the relay to find a few bookings' (hundreds of index
+        entries per delivery). By booking id alone only the booking index applies; terminal
+        rows of a booking's history come back without their payloads.
+        """
         ids = sorted(set(booking_ids))
         grouped: dict[str, list[Any]] = defaultdict(list)
         if not ids:
             return grouped
+        active = delivery.c.status.in_(ACTIVE_STATUSES)
         rows = await conn.execute(
             select(
                 delivery.c.id,
                 delivery.c.booking_id,
                 delivery.c.venue_id,
                 delivery.c.outbox_id,
-                delivery.c.payload,
+                case((active, delivery.c.payload), else_=null()).label("payload"),
                 delivery.c.status,
                 delivery.c.attempt_count,
                 delivery.c.created_at,
@@ -184,11 +194,12 @@ class Store(AdminQueries):
                 delivery.c.lease_token,
                 delivery.c.lease_expires_at,
             )
-            .where(delivery.c.booking_id.in_(ids), delivery.c.status.in_(ACTIVE_STATUSES))
+            .where(delivery.c.booking_id.in_(ids))
             .order_by(delivery.c.outbox_id, delivery.c.id)
         )
         for row in rows:
-            grouped[row.booking_id].append(row)
+            if row.status in ACTIVE_STATUSES:
+                grouped[row.booking_id].append(row)
         return grouped
 
     # -- ingest ---------------------------------------------------------------------------
@@ -508,7 +519,7 @@ class Store(AdminQueries):
                 claim = result.claim
                 row = current.get(claim.delivery_id)
                 owned = row is not None and row.lease_token == claim.lease_token
-                if result.status_code is None:
+                if result.status_code is None and result.may_have_landed:
                     # No answer: the request may still land, up to the end of its lease.
                     outbox_id, until = unanswered.get(
                         claim.booking_id, (claim.outbox_id, claim.lease_expires_at)
@@ -528,7 +539,7 @@ class Store(AdminQueries):
                 if not owned:
                     settled.append(Settled(claim.delivery_id, claim.booking_id, None))
                     continue
-                if result.status_code is not None:
+                if result.status_code is not None or not result.may_have_landed:
                     finished_bookings.add(claim.booking_id)
                 newer_waiting = any(
                     d.outbox_id > claim.outbox_id for d in active.get(claim.booking_id, [])
@@ -661,7 +672,7 @@ class Store(AdminQueries):
         next_at = now + timedelta(seconds=delay)
         if result.retry_after_seconds is None:
             next_at = min(next_at, deadline)  # one last try at the deadline
-        if result.status_code is None:
+        if result.status_code is None and result.may_have_landed:
             # Unanswered: the request may still land until its lease ends; never overlap it.
             next_at = max(next_at, claim.lease_expires_at)
         return "retrying", next_at, None, None

@@ -331,6 +331,7 @@ class Worker:
                 error=answer.error,
                 response_body=answer.body,
                 retry_after_seconds=answer.retry_after_seconds,
+                may_have_landed=answer.may_have_landed,
             )
         )
 

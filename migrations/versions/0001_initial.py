@@ -102,14 +102,6 @@ def upgrade() -> None:
         postgresql_where=sa.text(_ACTIVE),
         sqlite_where=sa.text(_ACTIVE),
     )
-    if op.get_bind().dialect.name != "mysql":
-        op.create_index(
-            "ix_mozrest_delivery_active_booking_id",
-            "mozrest_delivery",
-            ["booking_id"],
-            postgresql_where=sa.text(_ACTIVE),
-            sqlite_where=sa.text(_ACTIVE),
-        )
     op.create_index("ix_mozrest_delivery_booking_id", "mozrest_delivery", ["booking_id", "id"])
     op.create_index("ix_mozrest_delivery_status", "mozrest_delivery", ["status", "id"])
     op.create_index("ix_mozrest_delivery_venue_id", "mozrest_delivery", ["venue_id", "id"])

@@ -1,0 +1,640 @@
+"""`make bench` / `make bench-smoke`: run the relay's benchmark scenarios, print a table and write
+`bench/results/latest.json` (or `smoke.json`).
+
+    python -m bench.run                  the full suite (about fifteen minutes on 2 cores)
+    python -m bench.run --smoke          small sizes (a minute or two); exits non-zero only when a
+                                         state was lost or stale, never for speed
+    python -m bench.run --only drain,latency --runs 1 --n 20000
+
+Scenarios: receiver (standalone rate), drain (PostgreSQL, median of --runs), ceiling (the same
+HTTP client with no database), latency (open loop, RELAY_NOTIFY false and true), coalescing,
+replicas (2 workers), growth (1,000,000 old rows), peer (PgQueuer), sqlite, mariadb.
+Every database is a fresh `mozrest_bench_*` one, dropped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from bench import scenarios
+from bench.common import (
+    RelayConfig,
+    Workdir,
+    load_average,
+    log,
+    machine_summary,
+    median,
+    pg_version,
+    server_autovacuum,
+    standalone_rate,
+)
+from bench.profile_summary import summarise
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ALL = (
+    "receiver",
+    "drain",
+    "ceiling",
+    "latency",
+    "coalescing",
+    "replicas",
+    "growth",
+    "peer",
+    "sqlite",
+    "mariadb",
+    "diagnose",
+    "bloat",
+)
+#: What `make bench` runs: all but the diagnosis drains and the dead-tuple EXPLAINs (`--only`).
+DEFAULT = tuple(s for s in ALL if s not in {"diagnose", "bloat"})
+#: Issue 6's targets.
+TARGETS = {
+    "drain_pg": 3000.0,
+    "drain_sqlite": 1000.0,
+    "ceiling_ratio": 0.60,
+    "peer_ratio": 1.5,
+    "idle_notify_p50_ms": 10.0,
+    "idle_notify_p99_ms": 50.0,
+    "half_drain_p99_ms": 100.0,
+    "growth_within": 0.15,
+    "rss_mb": 200.0,
+}
+
+
+class Suite:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.results: dict[str, Any] = {}
+        self.errors: dict[str, str] = {}
+        self.tag = int(time.time()) & 0xFFFFFF
+
+    def next_tag(self) -> int:
+        self.tag += 1
+        return self.tag
+
+    async def run(self, only: list[str]) -> None:
+        for name in only:
+            started = time.monotonic()
+            log(f"== {name}")
+            try:
+                self.results[name] = await getattr(self, f"s_{name}")()
+            except Exception as exc:
+                self.errors[name] = f"{type(exc).__name__}: {exc}"
+                log(f"{name} failed:\n{traceback.format_exc()}")
+            self.results.setdefault("durations", {})[name] = round(time.monotonic() - started, 1)
+
+    # -- scenarios ----------------------------------------------------------------------------
+
+    async def s_receiver(self) -> dict[str, Any]:
+        rate = await standalone_rate(self.workdir, seconds=self.args.receiver_seconds)
+        log(f"receiver standalone: {rate:,.0f} requests/s")
+        return {"rate": round(rate, 1)}
+
+    async def s_drain(self) -> dict[str, Any]:
+        runs = []
+        for k in range(self.args.runs):
+            profile = self.workdir / "drain-profile.txt" if k == 0 and self.args.profile else None
+            runs.append(
+                await scenarios.drain_pg(
+                    self.workdir, n=self.args.n, tag=self.next_tag(), profile=profile
+                )
+            )
+            if profile is not None and profile.exists():
+                summary = summarise(profile, top=25)
+                runs[-1]["profile"] = summary
+                if not self.args.smoke:
+                    raw = RESULTS / "drain-profile.txt"
+                    raw.write_text(profile.read_text())
+        return {
+            "rate": median(r["rate"] for r in runs),
+            "peak_rss_mb": max(max(x for x in r["peak_rss_mb"] if x) for r in runs),
+            "runs": runs,
+        }
+
+    async def s_ceiling(self) -> dict[str, Any]:
+        runs = [
+            await scenarios.ceiling(self.workdir, n=self.args.n, tag=self.next_tag())
+            for _ in range(self.args.runs)
+        ]
+        return {"rate": median(r["rate"] for r in runs), "runs": runs}
+
+    def _half_drain_rate(self) -> float:
+        drain = self.results.get("drain")
+        if drain and drain.get("rate"):
+            return round(float(drain["rate"]) / 2, 1)
+        previous = RESULTS / "latest.json"
+        if previous.exists():
+            try:
+                return round(float(json.loads(previous.read_text())["drain"]["rate"]) / 2, 1)
+            except (KeyError, TypeError, ValueError):
+                pass
+        return 250.0
+
+    async def s_latency(self) -> dict[str, Any]:
+        half = self._half_drain_rate()
+        a = self.args
+        phases = [
+            ("idle", 10.0, a.idle_samples),
+            ("500/s", 500.0, int(500 * a.rate_seconds)),
+            ("half drain", half, max(int(half * a.rate_seconds), 100)),
+        ]
+        out = {}
+        for notify in (False, True):
+            out["notify" if notify else "poll"] = await scenarios.latency_pg(
+                self.workdir, phases=phases, tag=self.next_tag() << 4, notify=notify
+            )
+        out["half_drain_rate"] = half
+        return out
+
+    async def s_coalescing(self) -> dict[str, Any]:
+        return await scenarios.coalescing_pg(
+            self.workdir,
+            bookings=self.args.coalesce_bookings,
+            changes=self.args.coalesce_changes,
+            tag=self.next_tag(),
+        )
+
+    async def s_replicas(self) -> dict[str, Any]:
+        runs = [
+            await scenarios.drain_pg(
+                self.workdir, n=self.args.n, tag=self.next_tag(), replicas=2, label="replicas"
+            )
+            for _ in range(self.args.other_runs)
+        ]
+        return {"rate": median(r["rate"] for r in runs), "runs": runs}
+
+    async def s_growth(self) -> dict[str, Any]:
+        runs = [
+            await scenarios.drain_pg(
+                self.workdir,
+                n=self.args.n,
+                tag=self.next_tag(),
+                old_rows=self.args.old_rows,
+                label="growth",
+            )
+            for _ in range(self.args.other_runs)
+        ]
+        return {
+            "rate": median(r["rate"] for r in runs),
+            "old_rows": self.args.old_rows,
+            "runs": runs,
+        }
+
+    async def s_peer(self) -> dict[str, Any]:
+        runs = [
+            await scenarios.drain_pgqueuer(
+                self.workdir, n=self.args.n, tag=self.next_tag(), batch_size=self.args.peer_batch
+            )
+            for _ in range(self.args.other_runs)
+        ]
+        return {"rate": median(r["rate"] for r in runs), "runs": runs}
+
+    async def s_sqlite(self) -> dict[str, Any]:
+        runs = [
+            await scenarios.drain_other(
+                self.workdir,
+                scenarios.SqliteDb(self.workdir, "sqlite"),
+                n=self.args.n_other,
+                tag=self.next_tag(),
+            )
+            for _ in range(self.args.other_runs)
+        ]
+        return {"rate": median(r["rate"] for r in runs), "runs": runs}
+
+    async def s_diagnose(self) -> dict[str, Any]:
+        """Drains with the instrumented worker: the baseline and each variant of
+        `bench/diagnose.py`, interleaved, to price the suggested changes."""
+        variants: list[list[str]] = [[]] + [v.split("+") for v in self.args.variants.split(",")]
+        out: dict[str, Any] = {}
+        for _ in range(self.args.diagnose_runs):
+            for variant in variants:
+                name = "+".join(variant) or "baseline"
+                run = await scenarios.drain_pg(
+                    self.workdir,
+                    n=self.args.diagnose_n,
+                    tag=self.next_tag(),
+                    diagnose=variant,
+                    label="diagnose",
+                )
+                out.setdefault(name, []).append(run)
+        return {
+            name: {
+                "rate": median(r["rate"] for r in runs),
+                "rates": [r["rate"] for r in runs],
+                "counters": runs[-1]["diagnose"]["counters"],
+                "cpu_cores": runs[-1]["cpu_cores"],
+            }
+            for name, runs in out.items()
+        }
+
+    async def s_bloat(self) -> dict[str, Any]:
+        return await scenarios.bloat_pg(self.workdir, n=self.args.n, tag=self.next_tag())
+
+    async def s_mariadb(self) -> dict[str, Any]:
+        try:
+            import asyncmy  # noqa: F401
+        except ImportError:
+            return {"skipped": "asyncmy is not installed: the relay has no MySQL driver here"}
+        runs = []
+        for _ in range(self.args.other_runs):
+            try:
+                runs.append(
+                    await scenarios.drain_other(
+                        self.workdir,
+                        scenarios.MariaDb("mariadb"),
+                        n=self.args.n_other,
+                        tag=self.next_tag(),
+                    )
+                )
+            except (RuntimeError, OSError) as exc:
+                if "migrate failed" in str(exc) or "Connect" in type(exc).__name__:
+                    return {"skipped": f"the relay cannot run on MariaDB here: {exc}"[:500]}
+                raise
+        return {"rate": median(r["rate"] for r in runs), "runs": runs}
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.1f}"
+    else:
+        text = f"{value:,}" if isinstance(value, int) else str(value)
+    return f"{text}{unit}"
+
+
+def evaluate(results: dict[str, Any]) -> dict[str, Any]:
+    """Which of issue 6's targets are met (None: not measured in this run)."""
+    t = TARGETS
+    drain = results.get("drain", {}).get("rate")
+    ceiling = results.get("ceiling", {}).get("rate")
+    peer = results.get("peer", {}).get("rate")
+    sqlite = results.get("sqlite", {}).get("rate")
+    growth = results.get("growth", {}).get("rate")
+    lat = results.get("latency", {})
+    idle_notify = lat.get("notify", {}).get("phases", {}).get("idle", {})
+    half_poll = lat.get("poll", {}).get("phases", {}).get("half drain", {})
+    half_notify = lat.get("notify", {}).get("phases", {}).get("half drain", {})
+    half_p99 = [x for x in (half_poll.get("p99_ms"), half_notify.get("p99_ms")) if x is not None]
+    rss = results.get("drain", {}).get("peak_rss_mb")
+
+    def check(value: float | None, ok: bool) -> dict[str, Any]:
+        return {"value": value, "met": ok if value is not None else None}
+
+    out = {
+        "drain_pg >= 3000/s": check(drain, drain is not None and drain >= t["drain_pg"]),
+        "drain_sqlite >= 1000/s": check(sqlite, sqlite is not None and sqlite >= t["drain_sqlite"]),
+        "relay >= 60% of ceiling": check(
+            round(drain / ceiling, 3) if drain and ceiling else None,
+            bool(drain and ceiling and drain / ceiling >= t["ceiling_ratio"]),
+        ),
+        "relay >= 1.5x PgQueuer": check(
+            round(drain / peer, 2) if drain and peer else None,
+            bool(drain and peer and drain / peer >= t["peer_ratio"]),
+        ),
+        "idle p50 <= 10 ms (NOTIFY)": check(
+            idle_notify.get("p50_ms"),
+            idle_notify.get("p50_ms") is not None
+            and idle_notify["p50_ms"] <= t["idle_notify_p50_ms"],
+        ),
+        "idle p99 <= 50 ms (NOTIFY)": check(
+            idle_notify.get("p99_ms"),
+            idle_notify.get("p99_ms") is not None
+            and idle_notify["p99_ms"] <= t["idle_notify_p99_ms"],
+        ),
+        "p99 <= 100 ms at half drain rate": check(
+            max(half_p99) if half_p99 else None,
+            bool(half_p99) and max(half_p99) <= t["half_drain_p99_ms"],
+        ),
+        "1M old rows within 15%": check(
+            round(growth / drain, 3) if growth and drain else None,
+            bool(growth and drain and growth >= drain * (1 - t["growth_within"])),
+        ),
+        "worker peak RSS <= 200 MB": check(rss, rss is not None and rss <= t["rss_mb"]),
+    }
+    return out
+
+
+def cpu_cost(runs: list[dict[str, Any]]) -> dict[str, float] | None:
+    """CPU milliseconds per delivery of the worker(s) and of PostgreSQL: steadier than the rate
+    on a shared machine, and what a dedicated one could reach is 1000 / ms per core."""
+    per: dict[str, list[float]] = {"worker_ms": [], "database_ms": [], "others_cores": []}
+    for run in runs:
+        cpu = run.get("cpu_cores") or {}
+        workers = sum(v for k, v in cpu.items() if k.startswith(("worker", "consumer")))
+        if not run.get("rate") or not workers:
+            continue
+        per["worker_ms"].append(1000 * workers / run["rate"])
+        per["database_ms"].append(1000 * cpu.get("database", 0.0) / run["rate"])
+        per["others_cores"].append(cpu.get("others", 0.0))
+    if not per["worker_ms"]:
+        return None
+    return {k: float(median(v) or 0.0) for k, v in per.items()}
+
+
+def _cost_note(entry: dict[str, Any]) -> str:
+    cost = cpu_cost(entry.get("runs", []))
+    if not cost:
+        return ""
+    return f"; CPU/delivery {cost['worker_ms']:.2f} ms relay, {cost['database_ms']:.2f} ms DB"
+
+
+def table(report: dict[str, Any]) -> str:
+    r = report["results"]
+    rows: list[tuple[str, str, str]] = []
+    rec = r.get("receiver", {}).get("rate")
+    drain = r.get("drain", {}).get("rate")
+    if rec:
+        warn = ""
+        if drain and rec < 3 * drain:
+            warn = "  WARNING: under 3x the relay's rate: the receiver may be what is measured"
+        rows.append(("receiver standalone rate", _fmt(rec, "/s"), f"raw client, 64 conns{warn}"))
+    if "drain" in r:
+        runs = ", ".join(_fmt(x["rate"]) for x in r["drain"]["runs"])
+        rows.append(
+            (
+                "drain, PostgreSQL (1 worker)",
+                _fmt(drain, "/s"),
+                f"median of {len(r['drain']['runs'])}: {runs}; n={r['drain']['runs'][0]['n']:,}",
+            )
+        )
+        rows.append(
+            ("worker peak RSS (VmHWM)", _fmt(r["drain"]["peak_rss_mb"], " MB"), "max over runs")
+        )
+        cost = cpu_cost(r["drain"]["runs"])
+        if cost:
+            rows.append(
+                (
+                    "CPU per delivery: worker / PostgreSQL",
+                    f"{cost['worker_ms']:.2f} / {cost['database_ms']:.2f} ms",
+                    f"medians; other processes used {cost['others_cores']:.2f} of "
+                    f"{report['machine']['nproc']} cores meanwhile",
+                )
+            )
+    if "ceiling" in r:
+        c = r["ceiling"]["rate"]
+        ratio = f"relay = {drain / c:.0%} of it" if drain and c else ""
+        rows.append(("ceiling: same HTTP client, no DB", _fmt(c, "/s"), ratio))
+    if "replicas" in r:
+        x = r["replicas"]["rate"]
+        rows.append(
+            (
+                "drain, 2 worker processes",
+                _fmt(x, "/s"),
+                (f"{x / drain:.2f}x one worker" if drain and x else "") + _cost_note(r["replicas"]),
+            )
+        )
+    if "growth" in r:
+        x = r["growth"]["rate"]
+        rows.append(
+            (
+                f"drain with {r['growth']['old_rows']:,} old rows",
+                _fmt(x, "/s"),
+                (f"{x / drain:.0%} of the empty case" if drain and x else "")
+                + _cost_note(r["growth"]),
+            )
+        )
+    if "peer" in r:
+        x = r["peer"]["rate"]
+        rows.append(
+            (
+                "PgQueuer peer drain",
+                _fmt(x, "/s"),
+                (f"relay = {drain / x:.2f}x the peer" if drain and x else "")
+                + _cost_note(r["peer"]),
+            )
+        )
+    for key, label in (("sqlite", "drain, SQLite"), ("mariadb", "drain, MariaDB")):
+        if key in r:
+            if "skipped" in r[key]:
+                rows.append((label, "skipped", r[key]["skipped"][:80]))
+            else:
+                note = f"n={r[key]['runs'][0]['n']:,}" + _cost_note(r[key])
+                rows.append((label, _fmt(r[key]["rate"], "/s"), note))
+    if "coalescing" in r:
+        c = r["coalescing"]
+        rows.append(
+            (
+                f"coalescing {c['bookings']:,}x{c['changes']}",
+                f"{c['posts_after_up']:,} POSTs",
+                f"ideal {c['ideal_posts']:,}; drained {c['drain_seconds']} s after up "
+                f"(first POST {c['first_post_after_up_seconds']} s); "
+                f"final states {'right' if c['correct']['ok'] else 'WRONG'}",
+            )
+        )
+    lat = r.get("latency", {})
+    for mode in ("poll", "notify"):
+        for name, p in lat.get(mode, {}).get("phases", {}).items():
+            value = f"p50 {_fmt(p['p50_ms'])} / p99 {_fmt(p['p99_ms'])}"
+            if "p999_ms" in p:
+                value += f" / p99.9 {_fmt(p['p999_ms'])}"
+            switch = "on" if mode == "notify" else "off"
+            rows.append(
+                (
+                    f"latency {name} ({p['rate']:g}/s), NOTIFY {switch}",
+                    value + " ms",
+                    f"{p['samples']:,} samples",
+                )
+            )
+    width = max(len(a) for a, _, _ in rows) if rows else 10
+    vwidth = max(len(b) for _, b, _ in rows) if rows else 10
+    lines = [f"{'scenario':<{width}}  {'result':>{vwidth}}  notes", "-" * (width + vwidth + 40)]
+    lines += [f"{a:<{width}}  {b:>{vwidth}}  {c}" for a, b, c in rows]
+    lines.append("")
+    lines.append("targets:")
+    for name, v in report["targets"].items():
+        mark = {True: "met", False: "NOT met", None: "not measured"}[v["met"]]
+        lines.append(f"  {mark:<13} {name}  ({_fmt(v['value'])})")
+    if report.get("errors"):
+        lines.append("")
+        lines.append("errors:")
+        lines += [f"  {k}: {v[:300]}" for k, v in report["errors"].items()]
+    return "\n".join(lines)
+
+
+def correctness_failures(results: dict[str, Any]) -> list[str]:
+    """Lost or stale states anywhere: the only thing that fails `make bench-smoke`."""
+    bad = []
+    for name, value in results.items():
+        if not isinstance(value, dict):
+            continue
+        runs = value.get("runs", [value])
+        for run in runs:
+            check = run.get("correct") if isinstance(run, dict) else None
+            if check and (check["lost"] or check["stale"]):
+                bad.append(f"{name}: {check['lost']} lost, {check['stale']} stale")
+        if name == "latency":
+            for mode in ("poll", "notify"):
+                for phase, p in value.get(mode, {}).get("phases", {}).items():
+                    if p.get("lost"):
+                        bad.append(f"latency {mode} {phase}: {p['lost']} never arrived")
+    return bad
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="small sizes; fail only on correctness"
+    )
+    parser.add_argument("--only", default=",".join(DEFAULT), help="comma-separated scenarios")
+    parser.add_argument("--skip", default="", help="comma-separated scenarios to leave out")
+    parser.add_argument("--n", type=int, default=50_000, help="bookings per drain")
+    parser.add_argument(
+        "--n-other", type=int, default=None, help="bookings per SQLite/MariaDB drain"
+    )
+    parser.add_argument("--runs", type=int, default=3, help="runs of the drain and the ceiling")
+    parser.add_argument("--other-runs", type=int, default=1, help="runs of the other drains")
+    parser.add_argument("--old-rows", type=int, default=1_000_000)
+    parser.add_argument("--idle-samples", type=int, default=320)
+    parser.add_argument("--rate-seconds", type=float, default=12.0)
+    parser.add_argument("--coalesce-bookings", type=int, default=2000)
+    parser.add_argument("--coalesce-changes", type=int, default=20)
+    parser.add_argument("--peer-batch", type=int, default=16)
+    parser.add_argument("--receiver-seconds", type=float, default=5.0)
+    parser.add_argument("--no-profile", dest="profile", action="store_false")
+    parser.add_argument(
+        "--no-autovacuum-standin",
+        dest="autovacuum_standin",
+        action="store_false",
+        help="when the server's autovacuum is off, do not vacuum the bench databases either",
+    )
+    parser.add_argument("--autovacuum-naptime", type=float, default=60.0)
+    parser.add_argument(
+        "--variants",
+        default="analyze,claim-ahead,quiet,analyze+claim-ahead+quiet",
+        help="diagnose: variants of bench/diagnose.py to price (+ combines)",
+    )
+    parser.add_argument("--diagnose-n", type=int, default=20_000)
+    parser.add_argument("--diagnose-runs", type=int, default=1)
+    parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="replace only the scenarios run now in the saved --output (keep the others)",
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.n = min(args.n, 2000)
+        args.runs = 1
+        args.old_rows = min(args.old_rows, 20_000)
+        args.idle_samples = min(args.idle_samples, 30)
+        args.rate_seconds = min(args.rate_seconds, 3.0)
+        args.coalesce_bookings = min(args.coalesce_bookings, 100)
+        args.coalesce_changes = min(args.coalesce_changes, 5)
+        args.receiver_seconds = 2.0
+        args.profile = False
+        if args.only == ",".join(DEFAULT):
+            args.only = "receiver,drain,latency,coalescing,replicas,growth,sqlite"
+    args.n_other = args.n_other or args.n
+    args.output = args.output or RESULTS / ("smoke.json" if args.smoke else "latest.json")
+    return args
+
+
+async def amain(args: argparse.Namespace) -> int:
+    only = [s for s in args.only.split(",") if s and s not in set(args.skip.split(","))]
+    unknown = [s for s in only if s not in ALL]
+    if unknown:
+        raise SystemExit(f"unknown scenarios: {', '.join(unknown)} (known: {', '.join(ALL)})")
+    RESULTS.mkdir(exist_ok=True)
+    workdir = Workdir()
+    started = time.monotonic()
+    report: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_summary(),
+        "relay_config": RelayConfig().describe(),
+        "sizes": {
+            k: getattr(args, k)
+            for k in (
+                "n",
+                "n_other",
+                "runs",
+                "other_runs",
+                "old_rows",
+                "idle_samples",
+                "rate_seconds",
+                "coalesce_bookings",
+                "coalesce_changes",
+            )
+        },
+    }
+    try:
+        report["machine"]["postgresql"] = await pg_version()
+        autovacuum = await server_autovacuum()
+        report["machine"]["postgresql_autovacuum"] = autovacuum
+        if not autovacuum and args.autovacuum_standin:
+            scenarios.AUTOVACUUM_NAPTIME = args.autovacuum_naptime
+            log(
+                "the server runs with autovacuum=off: the harness applies autovacuum's default "
+                f"rule to its own databases every {args.autovacuum_naptime:g}s"
+            )
+        report["autovacuum_standin_naptime"] = scenarios.AUTOVACUUM_NAPTIME
+        suite = Suite(args, workdir.path)
+        await suite.run(only)
+    finally:
+        workdir.cleanup()
+    report["machine"]["load_average_at_end"] = load_average()
+    report["results"] = suite.results
+    report["errors"] = suite.errors
+    if args.update and args.output.exists():
+        # Re-ran some scenarios: keep the others from the saved run, and say which were redone.
+        saved = json.loads(args.output.read_text())
+        durations = {**saved["results"].get("durations", {}), **suite.results.get("durations", {})}
+        saved["results"].update(suite.results)
+        saved["results"]["durations"] = durations
+        saved.setdefault("updates", []).append(
+            {"when": report["when"], "scenarios": only, "machine": report["machine"]}
+        )
+        saved["errors"] = {**saved.get("errors", {}), **suite.errors}
+        for name in only:
+            if name not in suite.errors:
+                saved["errors"].pop(name, None)
+        report = saved
+    report["targets"] = evaluate(report["results"])
+    report["total_seconds"] = (
+        report.get("total_seconds", 0) if args.update else round(time.monotonic() - started, 1)
+    )
+    failures = correctness_failures(report["results"])
+    report["correctness_failures"] = failures
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    m = report["machine"]
+    print(f"\nmozrest-relay benchmarks ({'smoke' if args.smoke else 'full'}), {report['when']}")
+    print(
+        f"machine: {m['nproc']} cores, {m['cpu_model']}, PostgreSQL {m.get('postgresql')}, "
+        f"load average {' '.join(m['load_average_at_start'])} at start"
+    )
+    print(table(report))
+    print(f"\nwritten to {args.output} in {report['total_seconds']:.0f}s")
+    if failures:
+        print("CORRECTNESS FAILURES:\n  " + "\n  ".join(failures))
+        return 1
+    if args.smoke and suite.errors:
+        # A scenario that could not run at all is not a speed problem, but it hides correctness.
+        print("smoke scenarios failed to run: " + ", ".join(suite.errors))
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--render"]:
+        # Print the table of an earlier run: python -m bench.run --render bench/results/latest.json
+        report = json.loads(Path(argv[1]).read_text())
+        report["targets"] = evaluate(report["results"])
+        print(table(report))
+        return 0
+    return asyncio.run(amain(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

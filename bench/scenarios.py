@@ -1,0 +1,920 @@
+"""The benchmark scenarios of issue 6. Each returns a plain dict of results (JSON-ready)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sqlite3
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from app.contract import parse_state, states_equal
+from bench.common import (
+    DB_PREFIX,
+    MARIADB_HOST,
+    MARIADB_PORT,
+    PYTHON,
+    ROOT,
+    AutovacuumStandIn,
+    CpuMeter,
+    Receiver,
+    RelayConfig,
+    change,
+    copy_outbox,
+    dumps,
+    log,
+    migrate,
+    percentile,
+    pg_connect,
+    pg_database,
+    pg_url,
+    rate_trace,
+    run_child,
+    seated_payload,
+    spawn,
+    start_worker,
+    wait_registered_pg,
+)
+
+#: A drain that has not finished by then is reported as failed (bounded waits everywhere).
+DRAIN_TIMEOUT = 600.0
+#: Seconds between the harness's autovacuum passes (see `AutovacuumStandIn`); None: none.
+#: `bench.run` sets it to PostgreSQL's default naptime when the server's autovacuum is off.
+AUTOVACUUM_NAPTIME: float | None = None
+
+
+def check_final_states(dump: dict[str, Any], expected: dict[str, dict]) -> dict[str, Any]:
+    """Compare the receiver's last state per booking with the newest state written for it."""
+    bookings = dump["bookings"]
+    lost = [b for b in expected if b not in bookings]
+    stale = []
+    for b, want in expected.items():
+        got = bookings.get(b)
+        if got is None:
+            continue
+        try:
+            ok = states_equal(parse_state(json.loads(got[3])), parse_state(want))
+        except (ValueError, KeyError):
+            ok = False
+        if not ok:
+            stale.append(b)
+    unexpected = [b for b in bookings if b not in expected]
+    return {
+        "expected": len(expected),
+        "lost": len(lost),
+        "stale": len(stale),
+        "unexpected": len(unexpected),
+        "ok": not lost and not stale and not unexpected,
+        "examples": (lost[:3] + stale[:3] + unexpected[:3]),
+    }
+
+
+# -- drain ----------------------------------------------------------------------------------------
+
+
+async def _delivered_count(database: str) -> int:
+    conn = await pg_connect(database)
+    try:
+        return int(
+            await conn.fetchval("SELECT count(*) FROM mozrest_delivery WHERE status = 'delivered'")
+        )
+    finally:
+        await conn.close()
+
+
+async def drain_pg(
+    workdir: Path,
+    *,
+    n: int,
+    tag: int,
+    replicas: int = 1,
+    config: RelayConfig | None = None,
+    old_rows: int = 0,
+    profile: Path | None = None,
+    label: str = "drain",
+    diagnose: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Start the workers idle, commit `n` seated bookings in one COPY, time until the last one
+    arrives at the receiver. With `old_rows`, the tables first get that many old processed
+    outbox rows, delivered deliveries, their attempts and snapshots."""
+    config = config or RelayConfig()
+    async with pg_database(label) as database, Receiver(workdir) as receiver:
+        url = pg_url(database)
+        await migrate(url, notify=config.notify, workdir=workdir)
+        if old_rows:
+            await load_old_rows(database, old_rows)
+        payloads = [seated_payload(tag, i) for i in range(n)]
+        if diagnose is None:
+            procs = [
+                start_worker(f"worker{k}", url, receiver.url, config, workdir)
+                for k in range(replicas)
+            ]
+        else:
+            argv = [PYTHON, "-m", "bench.diagnose"]
+            for variant in diagnose:
+                argv += ["--variant", variant]
+            env = {**config.env(url, receiver.url), "PYTHONPATH": str(ROOT)}
+            procs = [spawn(f"worker{k}", argv, env=env, workdir=workdir) for k in range(replicas)]
+        profiler: subprocess.Popen[bytes] | None = None
+        try:
+            await wait_registered_pg(database, procs)
+            await asyncio.sleep(0.5)  # let start-up work (retention, heartbeats) settle
+            meter = CpuMeter(
+                {f"worker{k}": p.pid for k, p in enumerate(procs)} | _receiver_pid(receiver)
+            )
+            conn = await pg_connect(database)
+            try:
+                async with conn.transaction():
+                    await copy_outbox(conn, payloads)
+                t0 = time.monotonic_ns()
+            finally:
+                await conn.close()
+            meter.start()
+            vacuum = AutovacuumStandIn(database, AUTOVACUUM_NAPTIME)
+            vacuum.start()
+            if profile is not None:
+                profiler = _start_profiler(procs[0].pid, profile, seconds=60)
+            stats = await receiver.wait_for(n, within=DRAIN_TIMEOUT)
+            cpu = meter.stop()
+            vacuums = await vacuum.stop()
+            if stats["received"] < n:
+                raise RuntimeError(
+                    f"drain incomplete: {stats['received']}/{n} arrived in {DRAIN_TIMEOUT:g}s\n"
+                    + procs[0].tail()
+                )
+            elapsed = (stats["last_ns"] - t0) / 1e9
+            # The relay records the answers just after; wait for every delivery to say so.
+            deadline = time.monotonic() + 60
+            delivered = await _delivered_count(database)
+            while delivered < n and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                delivered = await _delivered_count(database)
+            recorded_s = (time.monotonic_ns() - t0) / 1e9
+            rss = [p.vm_hwm_kb() for p in procs]
+            dump = await receiver.dump()
+        finally:
+            if profiler is not None:
+                _stop_profiler(profiler)
+            codes = [p.stop() for p in procs]
+    check = check_final_states(dump, {p["bookingId"]: p for p in payloads})
+    counters = None
+    if diagnose is not None:
+        lines = [x for x in procs[0].tail(50).splitlines() if x.startswith("DIAGNOSE ")]
+        counters = json.loads(lines[-1][len("DIAGNOSE ") :]) if lines else None
+    result = {
+        "n": n,
+        "rate_trace_per_5s": rate_trace([v[1] for v in dump["bookings"].values()], t0),
+        "autovacuum_standin": vacuums,
+        "replicas": replicas,
+        "diagnose": {"variants": list(diagnose), "counters": counters}
+        if diagnose is not None
+        else None,
+        "old_rows": old_rows,
+        "seconds": round(elapsed, 3),
+        "rate": round(n / elapsed, 1),
+        "posts": dump["received"],
+        "all_recorded_delivered": delivered >= n,
+        "recorded_seconds": round(recorded_s, 3),
+        "peak_rss_mb": [round(kb / 1024, 1) if kb else None for kb in rss],
+        "cpu_cores": cpu,
+        "exit_codes": codes,
+        "correct": check,
+        "config": config.describe(),
+    }
+    log(
+        f"{label}: {n} in {elapsed:.2f}s = {n / elapsed:,.0f}/s, replicas={replicas}, "
+        f"old_rows={old_rows:,}, rss={result['peak_rss_mb']} MB, cpu={cpu}, ok={check['ok']}"
+    )
+    return result
+
+
+def _receiver_pid(receiver: Receiver) -> dict[str, int]:
+    return {"receiver": receiver.proc.pid} if receiver.proc is not None else {}
+
+
+def _start_profiler(pid: int, out: Path, *, seconds: int) -> subprocess.Popen[bytes] | None:
+    """py-spy in raw (collapsed stacks) format, if it is installed."""
+    spy = Path(PYTHON).with_name("py-spy")
+    if not spy.exists():
+        log("py-spy is not installed (pip install -e '.[bench]'): no profile")
+        return None
+    return subprocess.Popen(
+        [
+            str(spy),
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(seconds),
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _stop_profiler(profiler: subprocess.Popen[bytes]) -> None:
+    # py-spy writes its output on SIGINT.
+    if profiler.poll() is None:
+        profiler.send_signal(2)
+    try:
+        profiler.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        profiler.kill()
+        profiler.wait(timeout=10)
+
+
+async def load_old_rows(database: str, rows: int) -> None:
+    """History two days old: processed outbox rows, delivered deliveries with one attempt
+    each, and the snapshots of their bookings (all inside the 7-day retention)."""
+    started = time.monotonic()
+    payload = (
+        "jsonb_build_object('bookingId', 'old' || g, 'venueId', 'v' || (g % 200), "
+        "'partySize', 1 + g % 8, 'status', 'seated', 'tables', jsonb_build_array('T' || g % 40), "
+        "'date', 1764000000 + g, 'contact', jsonb_build_object('firstname', 'John', "
+        "'lastname', 'Doe', 'email', 'john.doe@mail.com', 'telephone', '34646223399', "
+        "'locale', 'en'), 'notes', 'I am allergic to peanuts')"
+    )
+    statements = {
+        "mozrest_outbox": f"""
+            INSERT INTO mozrest_outbox (booking_id, venue_id, payload, created_at, processed_at,
+                                        outcome)
+            SELECT 'old' || g, 'v' || (g % 200), {payload},
+                   now() - interval '2 days', now() - interval '2 days', 'queued'
+            FROM generate_series(1, $1) g
+            """,
+        "mozrest_delivery": f"""
+            INSERT INTO mozrest_delivery (booking_id, venue_id, outbox_id, payload, status,
+                attempt_count, changed_fields, warnings, created_at, updated_at, delivered_at,
+                last_status_code, outbox_created_at)
+            SELECT 'old' || g, 'v' || (g % 200), g, {payload}, 'delivered', 1, '[]', '[]',
+                   now() - interval '2 days', now() - interval '2 days',
+                   now() - interval '2 days', 200, now() - interval '2 days'
+            FROM generate_series(1, $1) g
+            """,
+        "mozrest_attempt": """
+            INSERT INTO mozrest_attempt (delivery_id, worker_id, started_at, duration_ms,
+                                         status_code, response_body)
+            SELECT g, 'old-worker', now() - interval '2 days', 3, 200, '{"status":"ok"}'
+            FROM generate_series(1, $1) g
+            """,
+        "mozrest_booking": f"""
+            INSERT INTO mozrest_booking (booking_id, venue_id, last_outbox_id, sent_outbox_id,
+                accepted_payload, accepted_outbox_id, accepted_at, created_at, updated_at)
+            SELECT 'old' || g, 'v' || (g % 200), g, g, {payload}, g,
+                   now() - interval '2 days', now() - interval '2 days', now() - interval '2 days'
+            FROM generate_series(1, $1) g
+            """,
+    }
+
+    async def fill(table: str, sql: str) -> None:
+        conn = await pg_connect(database)
+        try:
+            await conn.execute("SET synchronous_commit = off")
+            await conn.execute(sql, rows)
+            # As autovacuum would have done long ago: statistics and the visibility map.
+            await conn.execute(f"VACUUM ANALYZE {table}")
+        finally:
+            await conn.close()
+
+    # One connection per table: the four loads run side by side.
+    await asyncio.gather(*(fill(table, sql) for table, sql in statements.items()))
+    log(f"loaded {rows:,} old rows into each table in {time.monotonic() - started:.1f}s")
+
+
+# -- latency ------------------------------------------------------------------------------------
+
+
+async def _produce(
+    pool: asyncpg.Pool, payloads: Sequence[dict], rate: float, commits: dict[str, int]
+) -> dict[str, Any]:
+    """Open loop: insert payload i at t0 + i/rate, each in its own transaction, without waiting
+    for earlier inserts (or the relay); stamp monotonic_ns right after each COMMIT."""
+    sql = "INSERT INTO mozrest_outbox (booking_id, venue_id, payload) VALUES ($1, $2, $3)"
+    tasks: set[asyncio.Task[None]] = set()
+    max_behind = 0.0
+
+    async def one(p: dict) -> None:
+        async with pool.acquire() as conn:
+            await conn.execute(sql, p["bookingId"], p["venueId"], dumps(p))
+        commits[p["bookingId"]] = time.monotonic_ns()
+
+    start = time.monotonic() + 0.05
+    for i, p in enumerate(payloads):
+        due = start + i / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        else:
+            max_behind = max(max_behind, -delay)
+        task = asyncio.create_task(one(p))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+    return {
+        "offered_rate": rate,
+        "achieved_rate": round(len(payloads) / max(time.monotonic() - start, 1e-9), 1),
+        "producer_max_behind_ms": round(max_behind * 1000, 1),
+    }
+
+
+async def latency_pg(
+    workdir: Path,
+    *,
+    phases: Sequence[tuple[str, float, int]],
+    tag: int,
+    notify: bool,
+    config: RelayConfig | None = None,
+) -> dict[str, Any]:
+    """Commit-to-arrival latency with an open-loop producer, per (name, rate, count) phase."""
+    config = config or RelayConfig()
+    config = RelayConfig(**{**config.__dict__, "notify": notify})
+    results: dict[str, Any] = {"notify": notify, "config": config.describe(), "phases": {}}
+    async with pg_database(f"latency_{'notify' if notify else 'poll'}") as database:
+        async with Receiver(workdir) as receiver:
+            url = pg_url(database)
+            await migrate(url, notify=notify, workdir=workdir)
+            proc = start_worker("worker-latency", url, receiver.url, config, workdir)
+            pool = await asyncpg.create_pool(
+                host=url.split("@")[1].split(":")[0],
+                port=int(url.rsplit(":", 1)[1].split("/")[0]),
+                user="postgres",
+                database=database,
+                min_size=4,
+                max_size=16,
+            )
+            vacuum = AutovacuumStandIn(database, AUTOVACUUM_NAPTIME)
+            try:
+                await wait_registered_pg(database, [proc])
+                await asyncio.sleep(1.0)
+                vacuum.start()
+                offset = 0
+                for p_index, (name, rate, count) in enumerate(phases):
+                    await receiver.reset()
+                    payloads = [seated_payload(tag + p_index, offset + i) for i in range(count)]
+                    offset += count
+                    commits: dict[str, int] = {}
+                    meter = CpuMeter({"worker": proc.pid} | _receiver_pid(receiver))
+                    meter.start()
+                    produced = await _produce(pool, payloads, rate, commits)
+                    stats = await receiver.wait_for(count, within=120)
+                    cpu = meter.stop()
+                    dump = await receiver.dump()
+                    lat_ms = [
+                        (dump["bookings"][b][1] - ns) / 1e6
+                        for b, ns in commits.items()
+                        if b in dump["bookings"]
+                    ]
+                    phase = {
+                        "rate": rate,
+                        "samples": len(lat_ms),
+                        "lost": count - len(lat_ms),
+                        "p50_ms": _r(percentile(lat_ms, 50)),
+                        "p99_ms": _r(percentile(lat_ms, 99)),
+                        "max_ms": _r(max(lat_ms) if lat_ms else None),
+                        "cpu_cores": cpu,
+                        **produced,
+                    }
+                    if rate >= 100:
+                        phase["p999_ms"] = _r(percentile(lat_ms, 99.9))
+                    results["phases"][name] = phase
+                    log(
+                        f"latency notify={notify} {name} ({rate:g}/s): p50 {phase['p50_ms']} ms, "
+                        f"p99 {phase['p99_ms']} ms, p99.9 {phase.get('p999_ms')} ms, "
+                        f"n={len(lat_ms)}, arrived={stats['received']}"
+                    )
+                    await asyncio.sleep(0.5)
+            finally:
+                results["autovacuum_standin"] = await vacuum.stop()
+                await pool.close()
+                results["exit_code"] = proc.stop()
+    return results
+
+
+def _r(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+# -- ceiling ------------------------------------------------------------------------------------
+
+
+async def ceiling(
+    workdir: Path, *, n: int, tag: int, concurrency: int | None = None
+) -> dict[str, Any]:
+    """The relay's HTTP client alone, same payloads and concurrency, no database."""
+    concurrency = concurrency or RelayConfig().concurrency
+    async with Receiver(workdir) as receiver:
+        argv = [PYTHON, "-m", "bench.ceiling", "--url", receiver.url, "--n", str(n)]
+        argv += ["--concurrency", str(concurrency), "--tag", str(tag)]
+        _, out = await run_child(argv, within=DRAIN_TIMEOUT)
+        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        stats = await receiver.stats()
+    result["received"] = stats["received"]
+    result["concurrency"] = concurrency
+    log(f"ceiling: {n} POSTs in {result['seconds']}s = {result['rate']:,.0f}/s")
+    return result
+
+
+# -- coalescing ---------------------------------------------------------------------------------
+
+
+async def coalescing_pg(
+    workdir: Path,
+    *,
+    bookings: int,
+    changes: int,
+    tag: int,
+    config: RelayConfig | None = None,
+) -> dict[str, Any]:
+    """`bookings` × `changes` states written while the receiver is down (connection refused),
+    then it comes up: POSTs sent (ideal: one per booking), time to drain, final states right."""
+    config = config or RelayConfig()
+    rng = random.Random(tag)
+    async with pg_database("coalescing") as database:
+        receiver = Receiver(workdir)  # not started: the port refuses connections
+        url = pg_url(database)
+        await migrate(url, notify=config.notify, workdir=workdir)
+        proc = start_worker("worker-coalescing", url, receiver.url, config, workdir)
+        try:
+            await wait_registered_pg(database, [proc])
+            states = [seated_payload(tag, i) for i in range(bookings)]
+            newest = {s["bookingId"]: s for s in states}
+            conn = await pg_connect(database)
+            write_start = time.monotonic()
+            try:
+                for step in range(changes):
+                    if step:
+                        states = [change(s, step, rng) for s in states]
+                    # One transaction per 100 bookings, as a busy RMS commits them.
+                    for chunk in range(0, bookings, 100):
+                        async with conn.transaction():
+                            await copy_outbox(conn, states[chunk : chunk + 100])
+                newest = {s["bookingId"]: s for s in states}
+                write_seconds = time.monotonic() - write_start
+                # Let the relay ingest everything (it runs all along), then bring Mozrest up.
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    left = await conn.fetchval(
+                        "SELECT count(*) FROM mozrest_outbox WHERE processed_at IS NULL"
+                    )
+                    if left == 0:
+                        break
+                    await asyncio.sleep(0.1)
+                failed_attempts = await conn.fetchval("SELECT count(*) FROM mozrest_attempt")
+            finally:
+                await conn.close()
+            await receiver.start()
+            up = time.monotonic_ns()
+            stats = await receiver.wait_for(bookings, within=120)
+            # Wait for stragglers (duplicates would show here), bounded.
+            settle_deadline = time.monotonic() + 60
+            while time.monotonic() < settle_deadline:
+                dump = await receiver.dump()
+                check = check_final_states(dump, newest)
+                if check["ok"]:
+                    break
+                await asyncio.sleep(0.5)
+            drained_ns = max((v[2] for v in dump["bookings"].values()), default=up)
+            await asyncio.sleep(1.0)
+            stats = await receiver.stats()
+        finally:
+            code = proc.stop()
+            await receiver.stop()
+    result = {
+        "bookings": bookings,
+        "changes": changes,
+        "rows": bookings * changes,
+        "write_seconds": round(write_seconds, 2),
+        "failed_attempts_while_down": failed_attempts,
+        "posts_after_up": stats["received"],
+        "ideal_posts": bookings,
+        "drain_seconds": round((drained_ns - up) / 1e9, 3),
+        "first_post_after_up_seconds": round(
+            (min((v[1] for v in dump["bookings"].values()), default=up) - up) / 1e9, 3
+        ),
+        "correct": check,
+        "exit_code": code,
+        "config": config.describe(),
+    }
+    log(
+        f"coalescing: {bookings}x{changes} -> {stats['received']} POSTs after up "
+        f"(ideal {bookings}), drained in {result['drain_seconds']}s, ok={check['ok']}"
+    )
+    return result
+
+
+# -- the PgQueuer peer --------------------------------------------------------------------------
+
+
+async def drain_pgqueuer(
+    workdir: Path, *, n: int, tag: int, concurrency: int | None = None, batch_size: int = 16
+) -> dict[str, Any]:
+    """The drain done by the PgQueuer peer: n jobs committed at once, time to the last POST."""
+    concurrency = concurrency or RelayConfig().concurrency
+    from app.contract import serialize
+    from bench.peers import pgqueuer_relay
+
+    async with pg_database("pgqueuer") as database, Receiver(workdir) as receiver:
+        url = pg_url(database)
+        await pgqueuer_relay.install(url)
+        bodies = [serialize(parse_state(seated_payload(tag, i))) for i in range(n)]
+        proc = spawn(
+            "pgqueuer-consumer",
+            [
+                PYTHON,
+                "-m",
+                "bench.peers.pgqueuer_relay",
+                "consume",
+                "--dsn",
+                url,
+                "--url",
+                receiver.url,
+                "--concurrency",
+                str(concurrency),
+                "--batch-size",
+                str(batch_size),
+            ],
+            env={**_env_with_root()},
+            workdir=workdir,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and "consumer ready" not in (proc.tail() or ""):
+                if not proc.alive():
+                    raise RuntimeError(f"pgqueuer consumer exited:\n{proc.tail()}")
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            meter = CpuMeter({"consumer": proc.pid} | _receiver_pid(receiver))
+            conn = await pg_connect(database)
+            try:
+                async with conn.transaction():
+                    await pgqueuer_relay.enqueue(conn, bodies)
+                t0 = time.monotonic_ns()
+            finally:
+                await conn.close()
+            meter.start()
+            vacuum = AutovacuumStandIn(database, AUTOVACUUM_NAPTIME)
+            vacuum.start()
+            stats = await receiver.wait_for(n, within=DRAIN_TIMEOUT)
+            cpu = meter.stop()
+            vacuums = await vacuum.stop()
+            rss = proc.vm_hwm_kb()
+            dump = await receiver.dump()
+        finally:
+            code = proc.stop()
+    if stats["received"] < n:
+        raise RuntimeError(f"pgqueuer drain incomplete: {stats['received']}/{n}\n{proc.tail()}")
+    elapsed = (stats["last_ns"] - t0) / 1e9
+    result = {
+        "n": n,
+        "seconds": round(elapsed, 3),
+        "rate": round(n / elapsed, 1),
+        "rate_trace_per_5s": rate_trace([v[1] for v in dump["bookings"].values()], t0),
+        "autovacuum_standin": vacuums,
+        "posts": stats["received"],
+        "peak_rss_mb": round(rss / 1024, 1) if rss else None,
+        "cpu_cores": cpu,
+        "exit_code": code,
+        "config": {"concurrency": concurrency, "batch_size": batch_size},
+    }
+    log(f"pgqueuer peer: {n} in {elapsed:.2f}s = {n / elapsed:,.0f}/s, cpu={cpu}")
+    return result
+
+
+def _env_with_root() -> dict[str, str]:
+    from bench.common import _clean_env
+
+    return {**_clean_env(), "PYTHONPATH": str(ROOT)}
+
+
+# -- SQLite and MariaDB drains ------------------------------------------------------------------
+
+
+class SqliteDb:
+    dialect = "sqlite"
+
+    def __init__(self, workdir: Path, label: str) -> None:
+        self.path = workdir / f"{DB_PREFIX}{label}.db"
+        self.url = f"sqlite:///{self.path}"
+
+    async def create(self) -> None:
+        await asyncio.to_thread(self._remove)
+
+    async def drop(self) -> None:
+        await asyncio.to_thread(self._remove)
+
+    def _remove(self) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
+    def _query(self, sql: str) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(self.path, timeout=30)
+        try:
+            return conn.execute(sql).fetchall()
+        finally:
+            conn.close()
+
+    async def scalar(self, sql: str) -> Any:
+        return (await asyncio.to_thread(self._query, sql))[0][0]
+
+    async def pids(self) -> set[int]:
+        rows = await asyncio.to_thread(
+            self._query, "SELECT pid FROM mozrest_worker WHERE stopped_at IS NULL"
+        )
+        return {int(r[0]) for r in rows}
+
+    def _insert(self, payloads: Sequence[dict]) -> None:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT INTO mozrest_outbox (booking_id, venue_id, payload) VALUES (?, ?, ?)",
+                [(p["bookingId"], p["venueId"], dumps(p)) for p in payloads],
+            )
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    async def insert(self, payloads: Sequence[dict]) -> None:
+        await asyncio.to_thread(self._insert, payloads)
+
+
+class MariaDb:
+    dialect = "mysql"
+
+    def __init__(self, label: str) -> None:
+        import os
+
+        self.name = f"{DB_PREFIX}{label}_{os.getpid()}"
+        self.url = f"mysql://root@{MARIADB_HOST}:{MARIADB_PORT}/{self.name}"
+
+    async def _conn(self, database: str | None = None) -> Any:
+        import asyncmy
+
+        return await asyncmy.connect(
+            host=MARIADB_HOST, port=MARIADB_PORT, user="root", password="", db=database
+        )
+
+    async def _exec(self, sql: str, database: str | None = None) -> list[tuple[Any, ...]]:
+        conn = await self._conn(database)
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute(sql)
+                rows = await cur.fetchall()
+            await conn.commit()
+            return list(rows or [])
+        finally:
+            conn.close()
+
+    async def create(self) -> None:
+        await self._exec(f"DROP DATABASE IF EXISTS `{self.name}`")
+        await self._exec(f"CREATE DATABASE `{self.name}` CHARACTER SET utf8mb4")
+
+    async def drop(self) -> None:
+        await self._exec(f"DROP DATABASE IF EXISTS `{self.name}`")
+
+    async def scalar(self, sql: str) -> Any:
+        return (await self._exec(sql, self.name))[0][0]
+
+    async def pids(self) -> set[int]:
+        rows = await self._exec(
+            "SELECT pid FROM mozrest_worker WHERE stopped_at IS NULL", self.name
+        )
+        return {int(r[0]) for r in rows}
+
+    async def insert(self, payloads: Sequence[dict]) -> None:
+        conn = await self._conn(self.name)
+        try:
+            async with conn.cursor() as cur:
+                rows = [(p["bookingId"], p["venueId"], dumps(p)) for p in payloads]
+                for start in range(0, len(rows), 1000):
+                    await cur.executemany(
+                        "INSERT INTO mozrest_outbox (booking_id, venue_id, payload) "
+                        "VALUES (%s, %s, %s)",
+                        rows[start : start + 1000],
+                    )
+            await conn.commit()
+        finally:
+            conn.close()
+
+
+async def drain_other(
+    workdir: Path, db: SqliteDb | MariaDb, *, n: int, tag: int, config: RelayConfig | None = None
+) -> dict[str, Any]:
+    """The drain on SQLite or MariaDB: same protocol as `drain_pg`."""
+    config = config or RelayConfig()
+    await db.create()
+    try:
+        async with Receiver(workdir) as receiver:
+            await migrate(db.url, workdir=workdir)
+            payloads = [seated_payload(tag, i) for i in range(n)]
+            proc = start_worker(f"worker-{db.dialect}", db.url, receiver.url, config, workdir)
+            try:
+                deadline = time.monotonic() + 30
+                while proc.pid not in await db.pids():
+                    if time.monotonic() > deadline or not proc.alive():
+                        raise RuntimeError(f"worker did not register:\n{proc.tail()}")
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)
+                servers = ("mariadbd", "mysqld") if db.dialect == "mysql" else ()
+                meter = CpuMeter({"worker": proc.pid} | _receiver_pid(receiver), servers)
+                await db.insert(payloads)
+                t0 = time.monotonic_ns()
+                meter.start()
+                stats = await receiver.wait_for(n, within=DRAIN_TIMEOUT)
+                cpu = meter.stop()
+                if stats["received"] < n:
+                    raise RuntimeError(
+                        f"{db.dialect} drain incomplete: {stats['received']}/{n}\n{proc.tail()}"
+                    )
+                elapsed = (stats["last_ns"] - t0) / 1e9
+                deadline = time.monotonic() + 60
+                delivered = 0
+                while time.monotonic() < deadline:
+                    delivered = int(
+                        await db.scalar(
+                            "SELECT count(*) FROM mozrest_delivery WHERE status = 'delivered'"
+                        )
+                    )
+                    if delivered >= n:
+                        break
+                    await asyncio.sleep(0.2)
+                rss = proc.vm_hwm_kb()
+                dump = await receiver.dump()
+            finally:
+                code = proc.stop()
+    finally:
+        await db.drop()
+    check = check_final_states(dump, {p["bookingId"]: p for p in payloads})
+    result = {
+        "dialect": db.dialect,
+        "n": n,
+        "seconds": round(elapsed, 3),
+        "rate": round(n / elapsed, 1),
+        "posts": dump["received"],
+        "all_recorded_delivered": delivered >= n,
+        "peak_rss_mb": round(rss / 1024, 1) if rss else None,
+        "cpu_cores": cpu,
+        "exit_code": code,
+        "correct": check,
+    }
+    log(f"{db.dialect} drain: {n} in {elapsed:.2f}s = {n / elapsed:,.0f}/s, ok={check['ok']}")
+    return result
+
+
+# -- dead tuples --------------------------------------------------------------------------------
+
+#: The claim's candidate query (`Store.claim_due`), the active-deliveries read that claim, ingest
+#: and record all make, and the booking read they lock; EXPLAINed without locking.
+BLOAT_QUERIES = {
+    "claim: due candidates": (
+        "SELECT booking_id FROM mozrest_delivery WHERE status IN ('pending', 'retrying') "
+        "AND next_attempt_at <= $2::timestamptz ORDER BY next_attempt_at LIMIT 64"
+    ),
+    "claim: newer states not yet ingested": (
+        "SELECT DISTINCT o.booking_id FROM mozrest_outbox o JOIN mozrest_booking b "
+        "ON b.booking_id = o.booking_id WHERE o.booking_id = ANY($1::text[]) "
+        "AND o.id > b.last_outbox_id AND o.processed_at IS NULL"
+    ),
+    "ingest: oldest unprocessed rows": (
+        "SELECT id, booking_id, venue_id, payload::text, created_at FROM mozrest_outbox "
+        "WHERE processed_at IS NULL ORDER BY id LIMIT 200"
+    ),
+    "active deliveries of 32 bookings": (
+        "SELECT id, booking_id, outbox_id, payload, status, next_attempt_at, lease_expires_at "
+        "FROM mozrest_delivery WHERE booking_id = ANY($1::text[]) "
+        "AND status IN ('pending', 'retrying') ORDER BY outbox_id, id"
+    ),
+    "32 booking rows": (
+        "SELECT * FROM mozrest_booking WHERE booking_id = ANY($1::text[]) ORDER BY booking_id"
+    ),
+}
+
+
+def _indexes(plan: dict[str, Any]) -> list[str]:
+    found = [plan["Index Name"]] if "Index Name" in plan else []
+    for child in plan.get("Plans", []):
+        found += _indexes(child)
+    return found
+
+
+async def _explain_all(conn: asyncpg.Connection, bookings: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    now = await conn.fetchval("SELECT clock_timestamp()")
+    # The relay's sessions run with enable_bitmapscan=off (app/db.py): plan as they do.
+    await conn.execute("SET enable_bitmapscan = off")
+    for name, sql in BLOAT_QUERIES.items():
+        args: list[Any] = []
+        if "$1" in sql:
+            args.append(bookings)
+        if "$2" in sql:
+            args = [None, now] if not args else [*args, now]
+            sql = sql.replace("$2", "$1") if "$1" not in sql else sql
+            args = [a for a in args if a is not None]
+        plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", *args)
+        top = json.loads(plan)[0] if isinstance(plan, str) else plan[0]
+        node = top["Plan"]
+        out[name] = {
+            "ms": round(top["Execution Time"], 3),
+            "buffers": node.get("Shared Hit Blocks", 0) + node.get("Shared Read Blocks", 0),
+            "indexes": _indexes(node),
+        }
+    stats = await conn.fetch(
+        "SELECT relname, n_live_tup, n_dead_tup FROM pg_stat_user_tables "
+        "WHERE relname IN ('mozrest_delivery', 'mozrest_booking', 'mozrest_outbox')"
+    )
+    out["dead_tuples"] = {r["relname"]: r["n_dead_tup"] for r in stats}
+    return out
+
+
+async def bloat_pg(workdir: Path, *, n: int, tag: int, after: float = 40.0) -> dict[str, Any]:
+    """Why a drain slows down until (auto)vacuum runs: `after` seconds into a drain on tables
+    never analysed nor vacuumed, the delivery rate over 5 s and the relay's hot reads EXPLAINed;
+    then the rate after an ANALYZE alone (new statistics, new plans: the dead tuples stay), then
+    after a VACUUM too; and which indexes the relay read how much per delivery."""
+    config = RelayConfig()
+    async with pg_database("bloat") as database, Receiver(workdir) as receiver:
+        url = pg_url(database)
+        await migrate(url, workdir=workdir)
+        payloads = [seated_payload(tag, i) for i in range(n)]
+        proc = start_worker("worker-bloat", url, receiver.url, config, workdir)
+        try:
+            await wait_registered_pg(database, [proc])
+            conn = await pg_connect(database)
+            try:
+                async with conn.transaction():
+                    await copy_outbox(conn, payloads)
+                await asyncio.sleep(after)
+                pending = [
+                    r[0]
+                    for r in await conn.fetch(
+                        "SELECT booking_id FROM mozrest_delivery WHERE status = 'pending' "
+                        "ORDER BY next_attempt_at LIMIT 32"
+                    )
+                ]
+                before_rate = await _rate_over(receiver, 5.0)
+                reads = await _index_reads(conn)
+                before = await _explain_all(conn, pending)
+                # First statistics alone (ANALYZE: new plans, dead tuples stay), then VACUUM.
+                await conn.execute("ANALYZE mozrest_delivery, mozrest_booking, mozrest_outbox")
+                analyzed_rate = await _rate_over(receiver, 5.0)
+                started = time.monotonic()
+                await conn.execute("VACUUM mozrest_delivery, mozrest_booking, mozrest_outbox")
+                vacuum_s = time.monotonic() - started
+                after_plans = await _explain_all(conn, pending)
+                after_rate = await _rate_over(receiver, 5.0)
+            finally:
+                await conn.close()
+        finally:
+            code = proc.stop()
+    result = {
+        "n": n,
+        "explained_after_s": after,
+        "before_vacuum": before,
+        "after_vacuum": after_plans,
+        "vacuum_seconds": round(vacuum_s, 2),
+        "index_tuples_read_per_delivery_so_far": reads,
+        "rate_5s_before": before_rate,
+        "rate_5s_after_analyze": analyzed_rate,
+        "rate_5s_after_vacuum": after_rate,
+        "exit_code": code,
+    }
+    log(
+        f"bloat: rate {before_rate}/s, {analyzed_rate}/s after ANALYZE, {after_rate}/s after "
+        "VACUUM; ms before/after: "
+        + ", ".join(f"{k} {before[k]['ms']}/{after_plans[k]['ms']}" for k in BLOAT_QUERIES)
+    )
+    return result
+
+
+async def _index_reads(conn: asyncpg.Connection) -> dict[str, float]:
+    """Index entries read per delivered state so far, per index (pg_stat_user_indexes)."""
+    delivered = await conn.fetchval(
+        "SELECT count(*) FROM mozrest_delivery WHERE status = 'delivered'"
+    )
+    rows = await conn.fetch(
+        "SELECT indexrelname, idx_tup_read FROM pg_stat_user_indexes "
+        "WHERE idx_tup_read > 0 ORDER BY idx_tup_read DESC LIMIT 8"
+    )
+    return {r["indexrelname"]: round(r["idx_tup_read"] / max(delivered, 1), 1) for r in rows} | {
+        "delivered": delivered
+    }
+
+
+async def _rate_over(receiver: Receiver, seconds: float) -> float:
+    first = (await receiver.stats())["received"]
+    await asyncio.sleep(seconds)
+    return round(((await receiver.stats())["received"] - first) / seconds, 1)

@@ -32,7 +32,7 @@ ITEM_FIELDS = ("sku", "quantity", "notes")
 #: Column limits of `mozrest_outbox.booking_id` / `venue_id`; keep in step with `models.py`.
 MAX_ID_LENGTH = 64
 DEFAULT_MAX_PAYLOAD_BYTES = 65536
-#: Stored JSON text may be this many times the serialised state (a `\uXXXX` escape is six
+#: Stored JSON text may be this many times the serialised state (a `\u` escape is six
 #: characters for one); longer text is refused before parsing.
 STORED_TEXT_FACTOR = 8
 
@@ -212,7 +212,7 @@ def parse_row(
     if payload_text is None:
         raise ContractError("payload", "is null")
     # The limit is on what Mozrest receives (checked below, after normalising); stored text can
-    # be several times larger (spaces, \uXXXX escapes), so this only bounds the parsing work.
+    # be several times larger (spaces, `\u` escapes), so this only bounds the parsing work.
     if len(payload_text) > STORED_TEXT_FACTOR * max_payload_bytes:
         raise ContractError("payload", f"is larger than the {max_payload_bytes}-byte limit")
     try:

@@ -138,6 +138,16 @@ def upgrade() -> None:
     )
     op.create_index("ix_mozrest_worker_heartbeat_at", "mozrest_worker", ["heartbeat_at"])
 
+    if op.get_bind().dialect.name == "postgresql":
+        # Queue tables churn: with the default thresholds (10-20% of a table) a burst runs on
+        # statistics from before it. Vacuum and analyse after a few thousand changes instead.
+        for table in ("mozrest_outbox", "mozrest_delivery", "mozrest_booking", "mozrest_attempt"):
+            op.execute(
+                f"ALTER TABLE {table} SET (autovacuum_vacuum_scale_factor = 0.02, "
+                "autovacuum_vacuum_threshold = 1000, autovacuum_analyze_scale_factor = 0.01, "
+                "autovacuum_analyze_threshold = 1000)"
+            )
+
     lock = op.create_table(
         "mozrest_lock",
         sa.Column("name", sa.String(32), nullable=False),

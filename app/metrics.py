@@ -37,12 +37,6 @@ LIVE_WORKERS = Gauge(
     "mozrest_relay_live_workers",
     "Relay worker processes with a recent heartbeat (whole relay).",
 )
-#: Not exported (no registry): this process's own circuit, for tests and debugging.
-CIRCUIT_OPEN_PROCESS = Gauge(
-    "mozrest_relay_process_circuit_open",
-    "1 when this process's circuit breaker is open.",
-    registry=None,
-)
 
 # Every label a dashboard expects exists from the start, at zero.
 for _outcome in ("queued", "unchanged", "held", "superseded", "invalid"):

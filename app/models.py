@@ -155,6 +155,3 @@ lock = Table(
     Column("name", String(32), primary_key=True),
     **MYSQL_TABLE_OPTIONS,
 )
-
-#: Rows of `mozrest_lock` the migrations create; keep in step with `store`.
-LOCK_NAMES = ("ingest", "maintenance")

@@ -358,7 +358,6 @@ class Worker:
             self.credentials.abandon_probe(now)  # says nothing of our credentials
         after = (self.circuit.state, self.credentials.state)
         if after != before:
-            metrics.CIRCUIT_OPEN_PROCESS.set(0 if self.circuit.closed else 1)
             log_event(
                 log,
                 logging.WARNING if after != ("closed", "closed") else logging.INFO,

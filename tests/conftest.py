@@ -207,7 +207,9 @@ def database_url(
 ) -> Iterator[str]:
     """A fresh database at the newest schema, on each backend."""
     if backend == "mysql":
-        databases: MysqlDatabases = request.getfixturevalue("mysql")
+        databases: MysqlDatabases | None = request.getfixturevalue("mysql")
+        if databases is None:
+            pytest.skip("MariaDB tests are off (set TEST_MYSQL=1)")
         name = databases.create()
         try:
             yield databases.url(name)

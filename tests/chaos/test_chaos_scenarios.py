@@ -9,7 +9,6 @@ nothing was lost, nothing stale was sent and no two requests of a booking overla
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -24,7 +23,7 @@ from tests.chaos.harness import (
     start_worker,
     wait_settled,
 )
-from tests.conftest import Launcher, MysqlDatabases, PostgresDatabases
+from tests.conftest import Launcher
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(scaled(170, 1500))]
 
@@ -38,56 +37,35 @@ SEATED = {
 }
 
 
-@pytest.fixture
-def pg_database(postgres: PostgresDatabases | None) -> Iterator[str]:
-    """A fresh, migrated database on the shared PostgreSQL server."""
-    if postgres is None:
-        pytest.skip("PostgreSQL is not available (set TEST_DATABASE_URL)")
-    name = postgres.create()
-    try:
-        yield postgres.url(name)
-    finally:
-        postgres.drop(name)
-
-
-@pytest.fixture
-def mariadb_database(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh, migrated database on the MariaDB server, when the MySQL tests are on."""
-    databases: MysqlDatabases | None = request.getfixturevalue("mysql")
-    if databases is None:
-        pytest.skip("MariaDB tests are off (set TEST_MYSQL=1)")
-    name = databases.create()
-    try:
-        yield databases.url(name)
-    finally:
-        databases.drop(name)
-
-
 def assert_invariants(figures: Figures) -> None:
     assert figures.report is not None
     assert figures.report.ok, figures.report.describe()
     assert (figures.lost, figures.stale, figures.overlaps) == (0, 0, 0)
 
 
-def test_receiver_faults_lose_nothing(launcher: Launcher, pg_database: str) -> None:
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_receiver_faults_lose_nothing(launcher: Launcher, database_url: str) -> None:
     """500s, timeouts, dropped connections and 429 bursts: every booking ends at its newest
     state, in order, one request at a time."""
-    assert_invariants(scenarios.receiver_faults(launcher, pg_database))
+    assert_invariants(scenarios.receiver_faults(launcher, database_url))
 
 
-def test_killed_workers_lose_nothing(launcher: Launcher, pg_database: str) -> None:
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_killed_workers_lose_nothing(launcher: Launcher, database_url: str) -> None:
     """SIGKILL every few seconds: the killed process's claims are taken over after the lease."""
-    assert_invariants(scenarios.worker_kills(launcher, pg_database))
+    assert_invariants(scenarios.worker_kills(launcher, database_url))
 
 
-def test_receiver_faults_lose_nothing_on_mariadb(launcher: Launcher, mariadb_database: str) -> None:
+@pytest.mark.parametrize("backend", ["mysql"])
+def test_receiver_faults_lose_nothing_on_mariadb(launcher: Launcher, database_url: str) -> None:
     """The receiver-faults scenario with the relay on MariaDB: same invariants."""
-    assert_invariants(scenarios.receiver_faults(launcher, mariadb_database))
+    assert_invariants(scenarios.receiver_faults(launcher, database_url))
 
 
-def test_killed_workers_lose_nothing_on_mariadb(launcher: Launcher, mariadb_database: str) -> None:
+@pytest.mark.parametrize("backend", ["mysql"])
+def test_killed_workers_lose_nothing_on_mariadb(launcher: Launcher, database_url: str) -> None:
     """SIGKILL and restart with the relay on MariaDB: claims are taken over, nothing lost."""
-    assert_invariants(scenarios.worker_kills(launcher, mariadb_database))
+    assert_invariants(scenarios.worker_kills(launcher, database_url))
 
 
 def test_database_restart_is_ridden_out(launcher: Launcher) -> None:
@@ -95,23 +73,25 @@ def test_database_restart_is_ridden_out(launcher: Launcher) -> None:
     assert_invariants(scenarios.database_restart(launcher))
 
 
+@pytest.mark.parametrize("backend", ["postgresql"])
 def test_mozrest_outage_opens_the_circuit_and_drains_after(
-    launcher: Launcher, pg_database: str
+    launcher: Launcher, database_url: str
 ) -> None:
     """While Mozrest fails, each relay sends only probes; afterwards the backlog drains."""
-    figures = scenarios.mozrest_outage(launcher, pg_database)
+    figures = scenarios.mozrest_outage(launcher, database_url)
     assert_invariants(figures)
     # What each relay had on the wire when the outage began, plus the probes.
     bound = 2 * 32 + figures.facts["probes_allowed"]
     assert figures.facts["requests_during_outage"] <= bound, figures.notes
 
 
+@pytest.mark.parametrize("backend", ["postgresql"])
 def test_sigterm_under_load_exits_cleanly_and_loses_nothing(
-    launcher: Launcher, pg_database: str
+    launcher: Launcher, database_url: str
 ) -> None:
     """Each SIGTERMed relay exits 0 within RELAY_SHUTDOWN_GRACE; its work is finished or
     released, and every booking still ends at its newest state."""
-    figures = scenarios.graceful_shutdown(launcher, pg_database)
+    figures = scenarios.graceful_shutdown(launcher, database_url)
     assert_invariants(figures)
     grace = figures.facts["grace"]
     for termination in figures.facts["exits"]:
@@ -122,15 +102,16 @@ def test_sigterm_under_load_exits_cleanly_and_loses_nothing(
         assert termination.exit_seconds <= grace + 3.0, figures.notes
 
 
+@pytest.mark.parametrize("backend", ["postgresql"])
 def test_the_smallest_lease_the_settings_allow_still_sends(
-    launcher: Launcher, pg_database: str
+    launcher: Launcher, database_url: str
 ) -> None:
     """RELAY_LEASE_SECONDS exactly RELAY_HTTP_TIMEOUT + 1 s is accepted at start-up (SPEC 3.3:
     "at least 1 s shorter"), so a relay configured that way must deliver, not spin."""
     _, receiver = start_emulator(launcher)
-    env = relay_env(pg_database, receiver.url, lease_seconds="2s", http_timeout="1s")
+    env = relay_env(database_url, receiver.url, lease_seconds="2s", http_timeout="1s")
     start_worker(launcher, env)
-    rms = Rms(pg_database)
+    rms = Rms(database_url)
     try:
         rms.write(SEATED)
         wait_settled(rms, timeout=8, what="one seated booking to be delivered")
@@ -139,16 +120,17 @@ def test_the_smallest_lease_the_settings_allow_still_sends(
     assert receiver.bookings()[SEATED["bookingId"]]["state"] == SEATED
 
 
+@pytest.mark.parametrize("backend", ["postgresql"])
 def test_a_newer_state_is_not_overtaken_by_a_timed_out_request(
-    launcher: Launcher, pg_database: str
+    launcher: Launcher, database_url: str
 ) -> None:
     """A request that timed out on our side may still be processed by Mozrest. The lease (which
     outlives RELAY_HTTP_TIMEOUT by the documented margin) must keep the booking's newer state
     back until then, or the older state lands last and Mozrest keeps it (SPEC 3.2, 3.3)."""
     _, receiver = start_emulator(launcher)
-    env = relay_env(pg_database, receiver.url, lease_seconds="4s", http_timeout="1s")
+    env = relay_env(database_url, receiver.url, lease_seconds="4s", http_timeout="1s")
     start_worker(launcher, env)
-    rms = Rms(pg_database)
+    rms = Rms(database_url)
     older, newer = dict(SEATED, bookingId="slow-1"), dict(SEATED, bookingId="slow-1", partySize=3)
     try:
         receiver.set_faults(latency_ms=2000)  # Mozrest takes 2 s; we give up after 1 s
@@ -166,16 +148,17 @@ def test_a_newer_state_is_not_overtaken_by_a_timed_out_request(
     assert report.ok, report.describe()
 
 
+@pytest.mark.parametrize("backend", ["postgresql"])
 def test_a_state_sent_without_an_answer_is_not_taken_as_unchanged(
-    launcher: Launcher, pg_database: str
+    launcher: Launcher, database_url: str
 ) -> None:
     """A accepted, then B sent and timed out (Mozrest may still accept it), then the RMS goes
     back to A. What Mozrest will hold is not known, so A must be sent again: suppressing it as
     `unchanged` against the snapshot leaves Mozrest on B if B did land (SPEC 3.2, 3.5)."""
     _, receiver = start_emulator(launcher)
-    env = relay_env(pg_database, receiver.url, lease_seconds="4s", http_timeout="1s")
+    env = relay_env(database_url, receiver.url, lease_seconds="4s", http_timeout="1s")
     start_worker(launcher, env)
-    rms = Rms(pg_database)
+    rms = Rms(database_url)
     a, b = dict(SEATED, bookingId="doubt-1"), dict(SEATED, bookingId="doubt-1", tables=["T9"])
     try:
         rms.write(a)

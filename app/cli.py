@@ -58,12 +58,13 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run the worker alone."""
     from app.logs import configure_logging
-    from app.runtime import run_worker
+    from app.runtime import event_loop_factory, run_worker
 
     settings = _settings()
     settings.check_can_send()
     configure_logging(level=settings.relay_log_level, fmt=settings.relay_log_format)
-    asyncio.run(run_worker(settings))
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(run_worker(settings))
     return 0
 
 

@@ -58,7 +58,7 @@ from `random.Random(seed)`, so a seeded run is reproducible. Faults come before 
 
 A drop starts a response (status 503, `Content-Length: 1`) and then raises `ConnectionDropped`
 before any body: per ASGI the server must then close the connection, so a client reading the
-answer gets a transport error (httpx: `RemoteProtocolError`, or `ReadError` over httpx-aiohttp)
+answer gets a transport error (aiohttp: `ServerDisconnectedError`; httpx: `RemoteProtocolError`)
 instead of an HTTP answer; one that stops at the status line sees a retryable 503. In process
 (httpx's `ASGITransport`) the exception reaches the caller. Dropped requests are not stored, and
 `serve` keeps uvicorn from logging these deliberate errors.

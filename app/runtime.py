@@ -6,18 +6,30 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db import create_engine
 from app.logs import get_logger, log_event
 from app.policy import RetryPolicy
-from app.publisher import HttpPublisher
+from app.publisher import make_publisher
 from app.settings import Settings
 from app.store import Store
 from app.worker import Worker, WorkerConfig
 
 log = get_logger("runtime")
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (as uvicorn chooses for the API), else
+    asyncio's own: the worker spends much of its time in socket calls, which uvloop makes
+    cheaper."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency wherever it builds
+        return None
+    return uvloop.new_event_loop
 
 
 def build_engine(settings: Settings) -> AsyncEngine:
@@ -44,7 +56,7 @@ def build_store(settings: Settings, engine: AsyncEngine) -> Store:
 def build_worker(settings: Settings, store: Store) -> Worker:
     """A worker that sends to the configured webhook; refuses to run without credentials."""
     settings.check_can_send()
-    publisher = HttpPublisher(
+    publisher = make_publisher(
         url=settings.webhook_url,
         token=settings.mozrest_webhook_token,
         timeout_seconds=settings.relay_http_timeout,

@@ -169,7 +169,8 @@ class Settings(BaseSettings):
         False, description="PostgreSQL LISTEN/NOTIFY wake-up (costs the RMS's inserts a lock)."
     )
     relay_http_transport: Literal["aiohttp", "httpx"] = Field(
-        "aiohttp", description="HTTP transport under httpx: aiohttp (faster) or httpx's own."
+        "aiohttp",
+        description="Webhook HTTP client: aiohttp (default, fastest) or httpx (an escape hatch).",
     )
     relay_pos_tables_cache: Duration = Field(30.0, description="How long POS tables are cached.")
     relay_host: str = Field("127.0.0.1", description="Admin API bind address.")

@@ -1,7 +1,7 @@
-"""The practical HTTP ceiling of this machine: the relay's own HTTP client (`HttpPublisher`:
-httpx over httpx-aiohttp, same concurrency) posting the drain's payloads, with no database.
+"""The practical HTTP ceiling of this machine: the relay's own webhook publisher
+(`app.publisher.make_publisher`, same transport and concurrency) posting the drain's payloads,
+with no database.
 
-    python -m bench.ceiling --url http://127.0.0.1:PORT/rms --n 50000 --concurrency 32 --tag T
 Prints one JSON line: {"n", "seconds", "rate", "errors"}.
 """
 
@@ -14,13 +14,13 @@ import sys
 import time
 
 from app.contract import parse_state, serialize
-from app.publisher import HttpPublisher
+from app.publisher import make_publisher
 from bench.common import WEBHOOK_TOKEN, seated_payload
 
 
 async def run(url: str, n: int, concurrency: int, tag: int, transport: str) -> dict[str, float]:
     bodies = [serialize(parse_state(seated_payload(tag, i))) for i in range(n)]
-    publisher = HttpPublisher(
+    publisher = make_publisher(
         url=url,
         token=WEBHOOK_TOKEN,
         timeout_seconds=10.0,

@@ -55,7 +55,7 @@ STAGES = (
     ("ingest", re.compile(r"Store\.ingest \(.*app/store\.py")),
     ("claim_due", re.compile(r"Store\.claim_due \(.*app/store\.py")),
     ("record", re.compile(r"Store\.record \(.*app/store\.py")),
-    ("publish (HTTP POST)", re.compile(r"HttpPublisher\.publish \(.*app/publisher\.py")),
+    ("publish (HTTP POST)", re.compile(r"Publisher\.publish \(.*app/publisher\.py")),
     ("heartbeat/prune", re.compile(r"Store\.(heartbeat|prune) \(.*app/store\.py")),
 )
 

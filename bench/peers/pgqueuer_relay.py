@@ -2,7 +2,7 @@
 
 An honest best effort at "a relay built on a PostgreSQL job queue": the RMS enqueues one job per
 booking state (the serialised state as the job's payload), and a consumer POSTs each job to the
-webhook with the relay's own HTTP client (`HttpPublisher`: httpx over httpx-aiohttp) and the same
+webhook with the relay's own HTTP client (`app.publisher.make_publisher`: aiohttp) and the same
 number of requests in flight. It does none of the relay's per-booking work (no validation, no
 newest-wins, no coalescing, no snapshots, no per-booking ordering): it is the cost of a generic
 queue, the floor a purpose-built relay is compared with.
@@ -28,7 +28,7 @@ from pgqueuer.db import AsyncpgDriver
 from pgqueuer.models import Job
 from pgqueuer.queries import Queries
 
-from app.publisher import HttpPublisher
+from app.publisher import make_publisher
 from bench.common import WEBHOOK_TOKEN
 
 ENTRYPOINT = "mozrest_webhook"
@@ -56,7 +56,7 @@ async def enqueue(conn: asyncpg.Connection, bodies: Sequence[bytes], chunk: int 
 
 async def consume(dsn: str, url: str, concurrency: int, batch_size: int) -> None:
     conn = await asyncpg.connect(dsn)
-    publisher = HttpPublisher(
+    publisher = make_publisher(
         url=url, token=WEBHOOK_TOKEN, timeout_seconds=10.0, concurrency=concurrency
     )
     qm = QueueManager(Queries(AsyncpgDriver(conn)))

@@ -21,7 +21,8 @@ OUTCOMES = ("queued", "unchanged", "held", "superseded", "invalid")
 STATUSES = ("pending", "retrying", "delivered", "dead", "superseded", "cancelled")
 ACTIVE_STATUSES = ("pending", "retrying")
 
-_active = "status IN ('pending', 'retrying')"
+#: The SQL of `ACTIVE_STATUSES`, as the partial indexes and the claim query spell it.
+ACTIVE_PREDICATE = "status IN ('pending', 'retrying')"
 
 outbox = Table(
     "mozrest_outbox",
@@ -105,8 +106,8 @@ delivery = Table(
     Index(
         "ix_mozrest_delivery_due",
         "next_attempt_at",
-        postgresql_where=text(_active),
-        sqlite_where=text(_active),
+        postgresql_where=text(ACTIVE_PREDICATE),
+        sqlite_where=text(ACTIVE_PREDICATE),
     ),
     # Read on every batch by ingest, claim and record (`Store._active_deliveries`).
     Index("ix_mozrest_delivery_booking_id", "booking_id", "id"),

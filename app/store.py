@@ -22,15 +22,45 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, bindparam, case, cast, delete, insert, null, select, update
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    ColumnElement,
+    String,
+    Text,
+    any_,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    insert,
+    null,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.contract import ContractError, State, parse_row
 from app.db import READ_ONLY, StoreError, clock_now, translate_errors
-from app.models import ACTIVE_STATUSES, attempt, booking, delivery, lock, outbox, worker
+from app.models import (
+    ACTIVE_PREDICATE,
+    ACTIVE_STATUSES,
+    attempt,
+    booking,
+    delivery,
+    lock,
+    outbox,
+    worker,
+)
 from app.policy import BookingView, Outcome, RetryPolicy, Verdict, decide
 from app.store_admin import AdminQueries
 
+#: `status IN ('pending', 'retrying')` as literal SQL, the very predicate of the partial index
+#: `ix_mozrest_delivery_due`: with bound parameters a prepared statement's generic plan could not
+#: prove the index applies.
+_ACTIVE = text(ACTIVE_PREDICATE)
 #: Attempts keep at most this much of Mozrest's answer (SPEC section 6).
 RESPONSE_BODY_LIMIT = 4096
 
@@ -42,6 +72,18 @@ class IngestReport:
     rows: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     queued: int = 0
+    """New deliveries left for `claim_due`."""
+    claims: list[Claim] = field(default_factory=list)
+    """New deliveries leased to the ingesting worker (`LeaseRequest`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRequest:
+    """Lease up to `limit` deliveries to `worker_id` for `seconds` (see `Store.ingest`)."""
+
+    worker_id: str
+    limit: int
+    seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +130,8 @@ class Settled:
     """The delivery's new status, or None when this process no longer held the lease."""
     next_attempt_at: datetime | None = None
     lag_seconds: float | None = None
+    newer_waiting: bool = False
+    """A newer state of the booking is queued behind this one (and may go now)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,24 +190,41 @@ class Store(AdminQueries):
         ).first()
         return row is not None
 
+    def _in(self, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
+        """`column IN (values)`; on PostgreSQL `column = ANY(:array)`, one parameter however
+        many values, so one cached statement (and one server-side prepared statement) serves
+        every batch size, and binding costs the driver one array rather than a placeholder each.
+        """
+        values = list(values)
+        if self.dialect != "postgresql":
+            return column.in_(values)
+        item = BigInteger() if isinstance(column.type, BigInteger) else String()
+        return column == any_(bindparam(None, values, type_=ARRAY(item)))
+
     async def _lock_bookings(
-        self, conn: AsyncConnection, booking_ids: Iterable[str], *, skip_locked: bool = False
+        self,
+        conn: AsyncConnection,
+        booking_ids: Iterable[str],
+        *,
+        skip_locked: bool = False,
+        with_snapshot: bool = False,
     ) -> dict[str, Any]:
-        """Lock booking rows in `booking_id` order (the deadlock-free order) and return them."""
+        """Lock booking rows in `booking_id` order (the deadlock-free order) and return them;
+        the snapshot's payload only when asked (only ingest decides against it)."""
         ids = sorted(set(booking_ids))
         if not ids:
             return {}
+        columns = [c for c in booking.c if with_snapshot or c is not booking.c.accepted_payload]
         rows = await conn.execute(
-            select(booking)
-            .where(booking.c.booking_id.in_(ids))
+            select(*columns)
+            .where(self._in(booking.c.booking_id, ids))
             .order_by(booking.c.booking_id)
             .with_for_update(skip_locked=skip_locked)
         )
         return {row.booking_id: row for row in rows}
 
-    @staticmethod
     async def _active_deliveries(
-        conn: AsyncConnection, booking_ids: Iterable[str]
+        self, conn: AsyncConnection, booking_ids: Iterable[str], *, payloads: bool = True
     ) -> dict[str, list[Any]]:
         """Pending and retrying deliveries of these bookings, oldest state first.
 
@@ -171,7 +232,8 @@ class Store(AdminQueries):
         planned it onto the admin `(status, id)` index whenever statistics lagged a burst, and
         read every active delivery of the relay to find a few bookings' (hundreds of index
         entries per delivery). By booking id alone only the booking index applies; terminal
-        rows of a booking's history come back without their payloads.
+        rows of a booking's history come back without their payloads, and every row does
+        without `payloads` (record needs none: decoding them cost as much as the query).
         """
         ids = sorted(set(booking_ids))
         grouped: dict[str, list[Any]] = defaultdict(list)
@@ -184,7 +246,9 @@ class Store(AdminQueries):
                 delivery.c.booking_id,
                 delivery.c.venue_id,
                 delivery.c.outbox_id,
-                case((active, delivery.c.payload), else_=null()).label("payload"),
+                (case((active, delivery.c.payload), else_=null()) if payloads else null()).label(
+                    "payload"
+                ),
                 delivery.c.status,
                 delivery.c.attempt_count,
                 delivery.c.created_at,
@@ -194,7 +258,7 @@ class Store(AdminQueries):
                 delivery.c.lease_token,
                 delivery.c.lease_expires_at,
             )
-            .where(delivery.c.booking_id.in_(ids))
+            .where(self._in(delivery.c.booking_id, ids))
             .order_by(delivery.c.outbox_id, delivery.c.id)
         )
         for row in rows:
@@ -205,9 +269,15 @@ class Store(AdminQueries):
     # -- ingest ---------------------------------------------------------------------------
 
     @translate_errors
-    async def ingest(self, *, limit: int) -> IngestReport | None:
+    async def ingest(self, *, limit: int, lease: LeaseRequest | None = None) -> IngestReport | None:
         """Give the oldest unprocessed outbox rows their outcome; None if another process is
-        ingesting right now."""
+        ingesting right now.
+
+        With `lease`, a new delivery whose booking has nothing on the wire and nothing newer
+        waiting is leased to that worker in the same transaction, as `claim_due` would lease it
+        a moment later: the claim's own transaction (and its re-reads of the same bookings) is
+        saved for the common case of a state that can go at once.
+        """
         async with self._write() as conn:
             if not await self._take_lock(conn, "ingest"):
                 return None
@@ -247,12 +317,20 @@ class Store(AdminQueries):
                     outcomes[previous[0].id] = (Outcome.SUPERSEDED, None)
                 newest[row.booking_id] = (row, state)
 
-            bookings = await self._lock_bookings(conn, newest)
+            bookings = await self._lock_bookings(conn, newest, with_snapshot=True)
             active = await self._active_deliveries(conn, newest)
+            # A full batch may have left newer rows of these bookings unread: those bookings
+            # wait for the next batch to decide, as `claim_due` makes them wait.
+            undecided: set[str] = set()
+            if lease is not None and lease.limit > 0 and len(rows) >= limit:
+                undecided = await self._undecided(conn, newest, after=rows[-1].id)
             new_bookings: list[dict[str, Any]] = []
             touched_bookings: list[dict[str, Any]] = []
             new_deliveries: list[dict[str, Any]] = []
             superseded: list[Any] = []
+            leased: dict[int, dict[str, Any]] = {}
+            expires = now + timedelta(seconds=lease.seconds) if lease is not None else now
+            token = uuid.uuid4().hex
             for booking_id in sorted(newest):
                 row, state = newest[booking_id]
                 known = bookings.get(booking_id)
@@ -274,34 +352,53 @@ class Store(AdminQueries):
                 outcomes[row.id] = (decision.outcome, None)
                 if decision.supersede_queued and queued:
                     superseded.append(queued[-1])
-                if decision.outcome is Outcome.QUEUED:
-                    new_deliveries.append(
-                        {
-                            "booking_id": booking_id,
-                            "venue_id": row.venue_id,
-                            "outbox_id": row.id,
-                            "payload": state,
-                            "status": "pending",
-                            "attempt_count": 0,
-                            "changed_fields": decision.changed_fields,
-                            "warnings": decision.warnings,
-                            "created_at": now,
-                            "updated_at": now,
-                            # Behind a request still on the wire, it waits for that one's
-                            # outcome (`record` wakes it) or, at worst, for its lease to end.
-                            "next_attempt_at": max(
-                                now,
-                                in_flight[-1].lease_expires_at if in_flight else now,
-                                _quiet_until(known, now),
-                            ),
-                            "outbox_created_at": row.created_at,
-                        }
-                    )
                 values = {
                     "booking_id": booking_id,
                     "venue_id": row.venue_id,
                     "last_outbox_id": row.id,
+                    "sent_outbox_id": None,
                 }
+                if decision.outcome is Outcome.QUEUED:
+                    # Behind a request still on the wire, it waits for that one's outcome
+                    # (`record` wakes it) or, at worst, for its lease to end.
+                    due = max(
+                        now,
+                        in_flight[-1].lease_expires_at if in_flight else now,
+                        _quiet_until(known, now),
+                    )
+                    delivery_row = {
+                        "booking_id": booking_id,
+                        "venue_id": row.venue_id,
+                        "outbox_id": row.id,
+                        "payload": state,
+                        "status": "pending",
+                        "attempt_count": 0,
+                        "changed_fields": decision.changed_fields,
+                        "warnings": decision.warnings,
+                        "created_at": now,
+                        "updated_at": now,
+                        "next_attempt_at": due,
+                        "outbox_created_at": row.created_at,
+                        "lease_owner": None,
+                        "lease_token": None,
+                        "lease_expires_at": None,
+                    }
+                    if (
+                        lease is not None
+                        and len(leased) < lease.limit
+                        and due <= now
+                        and booking_id not in undecided
+                    ):
+                        # Due now, nothing on the wire: lease it here (`claim_due`'s rules).
+                        delivery_row.update(
+                            lease_owner=lease.worker_id,
+                            lease_token=token,
+                            lease_expires_at=expires,
+                            next_attempt_at=expires,
+                        )
+                        leased[row.id] = delivery_row
+                        values["sent_outbox_id"] = row.id
+                    new_deliveries.append(delivery_row)
                 (touched_bookings if known is not None else new_bookings).append(values)
 
             if new_bookings:
@@ -313,42 +410,112 @@ class Store(AdminQueries):
                 await conn.execute(
                     update(booking)
                     .where(booking.c.booking_id == bindparam("b_booking_id"))
-                    .values(last_outbox_id=bindparam("b_last_outbox_id"), updated_at=now),
+                    .values(
+                        last_outbox_id=bindparam("b_last_outbox_id"),
+                        sent_outbox_id=func.coalesce(
+                            bindparam("b_sent_outbox_id", type_=BigInteger),
+                            booking.c.sent_outbox_id,
+                        ),
+                        updated_at=now,
+                    ),
                     [
-                        {"b_booking_id": b["booking_id"], "b_last_outbox_id": b["last_outbox_id"]}
+                        {
+                            "b_booking_id": b["booking_id"],
+                            "b_last_outbox_id": b["last_outbox_id"],
+                            "b_sent_outbox_id": b["sent_outbox_id"],
+                        }
                         for b in touched_bookings
                     ],
                 )
             await self._supersede(conn, superseded, now)
+            claims: list[Claim] = []
             if new_deliveries:
-                await conn.execute(insert(delivery), new_deliveries)
+                ids = await self._insert_deliveries(conn, new_deliveries, want=leased)
+                claims = [
+                    Claim(
+                        delivery_id=ids[outbox_id],
+                        booking_id=d["booking_id"],
+                        venue_id=d["venue_id"],
+                        outbox_id=outbox_id,
+                        payload=d["payload"],
+                        attempt_count=0,
+                        created_at=now,
+                        outbox_created_at=d["outbox_created_at"],
+                        retry_window_started_at=now,
+                        lease_token=token,
+                        lease_expires_at=expires,
+                    )
+                    for outbox_id, d in leased.items()
+                ]
             await self._mark_processed(conn, outcomes, now)
             return IngestReport(
                 rows=len(rows),
                 outcomes=Counter(str(outcome) for outcome, _ in outcomes.values()),
-                queued=len(new_deliveries),
+                queued=len(new_deliveries) - len(claims),
+                claims=claims,
             )
 
-    @staticmethod
-    async def _supersede(conn: AsyncConnection, deliveries: list[Any], now: datetime) -> None:
+    async def _insert_deliveries(
+        self, conn: AsyncConnection, rows: list[dict[str, Any]], *, want: Iterable[int]
+    ) -> dict[int, int]:
+        """Insert deliveries; return the ids of those whose outbox ids are in `want`."""
+        wanted = set(want)
+        if not wanted:
+            await conn.execute(insert(delivery), rows)
+            return {}
+        if self.engine.dialect.insert_executemany_returning:
+            result = await conn.execute(
+                insert(delivery).returning(delivery.c.id, delivery.c.outbox_id), rows
+            )
+            return {r.outbox_id: r.id for r in result if r.outbox_id in wanted}
+        await conn.execute(insert(delivery), rows)  # MySQL: no RETURNING
+        found = await conn.execute(
+            select(delivery.c.id, delivery.c.outbox_id).where(
+                self._in(delivery.c.booking_id, sorted({r["booking_id"] for r in rows}))
+            )
+        )
+        return {r.outbox_id: r.id for r in found if r.outbox_id in wanted}
+
+    async def _undecided(
+        self, conn: AsyncConnection, booking_ids: Iterable[str], *, after: int | None = None
+    ) -> set[str]:
+        """Bookings with a newer outbox row committed but not yet ingested: it may be a
+        cancellation, or a return to what Mozrest already holds, so nothing of theirs leaves
+        before ingest has decided it."""
+        ids = sorted(set(booking_ids))
+        if not ids:
+            return set()
+        query = (
+            select(outbox.c.booking_id)
+            .distinct()
+            .where(self._in(outbox.c.booking_id, ids), outbox.c.processed_at.is_(None))
+        )
+        if after is not None:
+            query = query.where(outbox.c.id > after)
+        else:
+            query = query.select_from(
+                outbox.join(booking, booking.c.booking_id == outbox.c.booking_id)
+            ).where(outbox.c.id > booking.c.last_outbox_id)
+        return set((await conn.execute(query)).scalars())
+
+    async def _supersede(self, conn: AsyncConnection, deliveries: list[Any], now: datetime) -> None:
         """A newer state replaces these before they landed. A state that never left is, in the
         outbox too, `superseded` (SPEC 3.4) rather than `queued`."""
         if not deliveries:
             return
         await conn.execute(
             update(delivery)
-            .where(delivery.c.id.in_([d.id for d in deliveries]))
+            .where(self._in(delivery.c.id, [d.id for d in deliveries]))
             .values(status="superseded", updated_at=now, next_attempt_at=None)
         )
         never_sent = [d.outbox_id for d in deliveries if d.attempt_count == 0]
         if never_sent:
             await conn.execute(
-                update(outbox).where(outbox.c.id.in_(never_sent)).values(outcome="superseded")
+                update(outbox).where(self._in(outbox.c.id, never_sent)).values(outcome="superseded")
             )
 
-    @staticmethod
     async def _mark_processed(
-        conn: AsyncConnection, outcomes: dict[int, tuple[Outcome, str | None]], now: datetime
+        self, conn: AsyncConnection, outcomes: dict[int, tuple[Outcome, str | None]], now: datetime
     ) -> None:
         by_outcome: dict[Outcome, list[int]] = defaultdict(list)
         errors: list[dict[str, Any]] = []
@@ -360,7 +527,7 @@ class Store(AdminQueries):
         for outcome, ids in by_outcome.items():
             await conn.execute(
                 update(outbox)
-                .where(outbox.c.id.in_(ids))
+                .where(self._in(outbox.c.id, ids))
                 .values(processed_at=now, outcome=str(outcome))
             )
         if errors:
@@ -387,7 +554,7 @@ class Store(AdminQueries):
                     await conn.execute(
                         select(delivery.c.booking_id)
                         .where(
-                            delivery.c.status.in_(ACTIVE_STATUSES),
+                            _ACTIVE,
                             delivery.c.next_attempt_at <= now,
                         )
                         .order_by(delivery.c.next_attempt_at)
@@ -400,24 +567,7 @@ class Store(AdminQueries):
             if not candidates:
                 return []
             bookings = await self._lock_bookings(conn, candidates, skip_locked=True)
-            # A booking with a newer state committed but not yet ingested waits for ingest: that
-            # state may be a cancellation or a return to what Mozrest already holds.
-            undecided = set(
-                (
-                    await conn.execute(
-                        select(outbox.c.booking_id)
-                        .distinct()
-                        .select_from(
-                            outbox.join(booking, booking.c.booking_id == outbox.c.booking_id)
-                        )
-                        .where(
-                            outbox.c.booking_id.in_(sorted(bookings)),
-                            outbox.c.id > booking.c.last_outbox_id,
-                            outbox.c.processed_at.is_(None),
-                        )
-                    )
-                ).scalars()
-            )
+            undecided = await self._undecided(conn, bookings)
             for booking_id in undecided:
                 bookings.pop(booking_id, None)
             active = await self._active_deliveries(conn, bookings)
@@ -451,7 +601,7 @@ class Store(AdminQueries):
             # by whoever claims next, with no sweeper.
             await conn.execute(
                 update(delivery)
-                .where(delivery.c.id.in_(ids))
+                .where(self._in(delivery.c.id, ids))
                 .values(
                     lease_owner=worker_id,
                     lease_token=token,
@@ -492,7 +642,7 @@ class Store(AdminQueries):
         async with self._write() as conn:
             now = await self._now(conn)
             bookings = await self._lock_bookings(conn, (r.claim.booking_id for r in results))
-            active = await self._active_deliveries(conn, bookings)
+            active = await self._active_deliveries(conn, bookings, payloads=False)
             # A claimed delivery no longer active (cancelled, superseded) is not ours to move.
             current = {d.id: d for rows in active.values() for d in rows}
             await conn.execute(
@@ -555,7 +705,11 @@ class Store(AdminQueries):
                         "c_error": result.error,
                     }
                 )
-                settled.append(Settled(claim.delivery_id, claim.booking_id, status, next_at, lag))
+                settled.append(
+                    Settled(
+                        claim.delivery_id, claim.booking_id, status, next_at, lag, newer_waiting
+                    )
+                )
             if changes:
                 await conn.execute(
                     update(delivery)
@@ -633,7 +787,9 @@ class Store(AdminQueries):
             if waiting:
                 # A booking's request finished: the newer state queued behind it may go now.
                 await conn.execute(
-                    update(delivery).where(delivery.c.id.in_(waiting)).values(next_attempt_at=now)
+                    update(delivery)
+                    .where(self._in(delivery.c.id, waiting))
+                    .values(next_attempt_at=now)
                 )
             return settled
 
@@ -758,7 +914,7 @@ class Store(AdminQueries):
                 if row.processed_at is not None and row.processed_at < cutoff
             ]
             if outbox_ids:
-                await conn.execute(delete(outbox).where(outbox.c.id.in_(outbox_ids)))
+                await conn.execute(delete(outbox).where(self._in(outbox.c.id, outbox_ids)))
                 removed["outbox"] = len(outbox_ids)
             delivery_ids = [
                 row.id
@@ -770,8 +926,10 @@ class Store(AdminQueries):
                 if row.status not in ACTIVE_STATUSES and row.updated_at < cutoff
             ]
             if delivery_ids:
-                await conn.execute(delete(attempt).where(attempt.c.delivery_id.in_(delivery_ids)))
-                await conn.execute(delete(delivery).where(delivery.c.id.in_(delivery_ids)))
+                await conn.execute(
+                    delete(attempt).where(self._in(attempt.c.delivery_id, delivery_ids))
+                )
+                await conn.execute(delete(delivery).where(self._in(delivery.c.id, delivery_ids)))
                 removed["deliveries"] = len(delivery_ids)
             await conn.execute(
                 delete(worker).where(worker.c.heartbeat_at < now - timedelta(days=1))
@@ -800,8 +958,8 @@ class Store(AdminQueries):
                     (
                         await conn.execute(
                             select(delivery.c.booking_id).where(
-                                delivery.c.booking_id.in_(idle),
-                                delivery.c.status.in_(ACTIVE_STATUSES),
+                                self._in(delivery.c.booking_id, idle),
+                                _ACTIVE,
                             )
                         )
                     ).scalars()
@@ -810,14 +968,16 @@ class Store(AdminQueries):
                     (
                         await conn.execute(
                             select(outbox.c.booking_id).where(
-                                outbox.c.booking_id.in_(idle), outbox.c.processed_at.is_(None)
+                                self._in(outbox.c.booking_id, idle), outbox.c.processed_at.is_(None)
                             )
                         )
                     ).scalars()
                 )
                 doomed = [b for b in idle if b not in busy and b not in unprocessed]
                 if doomed:
-                    await conn.execute(delete(booking).where(booking.c.booking_id.in_(doomed)))
+                    await conn.execute(
+                        delete(booking).where(self._in(booking.c.booking_id, doomed))
+                    )
                     removed["bookings"] = len(doomed)
         return removed
 

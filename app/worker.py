@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -29,11 +29,14 @@ from app.logs import get_logger, log_event
 from app.policy import Breaker, Verdict, classify
 from app.publisher import Publisher, WebhookAnswer
 from app.settings import Settings
-from app.store import AttemptResult, Claim, Store, StoreError, WorkerInfo
+from app.store import AttemptResult, Claim, LeaseRequest, Store, StoreError, WorkerInfo
 
 log = get_logger("worker")
 #: How long the recorder waits for more answers before writing a small batch.
 RECORD_LINGER_SECONDS = 0.005
+#: With a backlog and every claim slot taken, ingest waits this long at most for slots to free
+#: before it ingests without leasing (outcomes of rows that are not sent are never held longer).
+INGEST_PACE_SECONDS = 1.0
 T = TypeVar("T")
 
 
@@ -97,11 +100,24 @@ class Worker:
         self._ingest_wakeup = ingest_wakeup or asyncio.Event()
         self._dispatch_wakeup = asyncio.Event()
         self._state_changed = asyncio.Event()
+        self._slots_freed = asyncio.Event()
         self._results: asyncio.Queue[AttemptResult | None] = asyncio.Queue()
         self._result_arrived = asyncio.Event()
+        # A claim is held only while its request is on the wire: a state still waiting for a
+        # connection stays in the database, where a newer state can supersede it.
+        self._held_limit = config.concurrency
         self._in_flight: dict[asyncio.Task[None], Claim] = {}
+        self._reserved = 0
+        # Whether deliveries are known to be due beyond what the last claim took: only then does
+        # a finished request wake dispatch (otherwise it claims on its poll interval).
+        self._due_backlog = True
         self._sending: set[int] = set()
+        self._unsent: list[Claim] = []
         self._probe_in_flight = False
+        # Claims are made in batches: a claim costs the same few statements however many rows
+        # it takes, so with claims held wait until half a batch is free rather than claiming
+        # one delivery per finished request.
+        self._min_claim = max(1, min(config.concurrency // 2, config.batch_size))
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -110,6 +126,7 @@ class Worker:
         self._stopping.set()
         self._ingest_wakeup.set()
         self._dispatch_wakeup.set()
+        self._slots_freed.set()
         self._state_changed.set()
 
     def wake_ingest(self) -> None:
@@ -161,11 +178,8 @@ class Worker:
         if tasks:
             log_event(log, logging.INFO, "worker.draining", in_flight=len(tasks))
             await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
-        unsent = [
-            claim
-            for task, claim in self._in_flight.items()
-            if claim.delivery_id not in self._sending
-        ]
+        waiting = [c for c in self._in_flight.values() if c.delivery_id not in self._sending]
+        unsent = list({c.delivery_id: c for c in self._unsent + waiting}.values())
         for task in list(self._in_flight):
             task.cancel()
         await asyncio.gather(*self._in_flight, return_exceptions=True)
@@ -205,28 +219,88 @@ class Worker:
     # -- ingest ---------------------------------------------------------------------------
 
     async def _ingest_loop(self) -> None:
+        backlog = False
         while not self._stopping.is_set():
-            report = await self._with_retries(
-                lambda: self.store.ingest(limit=self.config.batch_size), "ingest"
-            )
+            limit, lease = await self._ingest_terms(backlog)
+            with self._reserve(lease.limit if lease is not None else 0):
+                report = await self._with_retries(
+                    functools.partial(self.store.ingest, limit=limit, lease=lease), "ingest"
+                )
+            backlog = False
             if report is not None and report.rows:
                 for outcome, count in report.outcomes.items():
                     metrics.OUTBOX_ROWS.labels(outcome=outcome).inc(count)
                 log_event(
                     log, logging.DEBUG, "outbox.ingested", rows=report.rows, **report.outcomes
                 )
+                if report.claims and self._stopping.is_set():
+                    with contextlib.suppress(StoreError):
+                        await self.store.release(report.claims)
+                    break
+                self._launch(report.claims, probe=False)
                 if report.queued:
+                    self._due_backlog = True
                     self._dispatch_wakeup.set()
-                if report.rows >= self.config.batch_size:
+                if report.rows >= limit:
+                    backlog = True
                     continue  # more rows are waiting
             await self._wait(self._ingest_wakeup, self.config.poll_interval_seconds)
 
+    async def _ingest_terms(self, backlog: bool) -> tuple[int, LeaseRequest | None]:
+        """How many outbox rows the next ingest reads, and how many of their deliveries it may
+        lease to this worker.
+
+        While Mozrest accepts, new deliveries are leased as they are ingested (one transaction
+        instead of two). With a backlog and every slot taken, ingest waits for slots (up to
+        `INGEST_PACE_SECONDS`) and reads about as many rows as it can lease: the backlog stays
+        in the outbox, where newer states of a booking still coalesce, and another replica with
+        free slots ingests meanwhile (the ingest lock is taken per transaction).
+        """
+        if not self._gates_closed():
+            return self.config.batch_size, None  # nothing may be sent now; decide outcomes
+        slots = self._claim_slots()
+        if backlog and slots < self._min_claim and self._in_flight:
+            self._slots_freed.clear()
+            deadline = time.monotonic() + INGEST_PACE_SECONDS
+            while slots < self._min_claim and not self._stopping.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                await self._wait(self._slots_freed, remaining)
+                slots = self._claim_slots()
+        if slots <= 0 or not self._gates_closed():
+            return self.config.batch_size, None
+        limit = self.config.batch_size
+        if backlog:
+            limit = min(limit, max(slots, self._min_claim))
+        return limit, LeaseRequest(
+            worker_id=self.id, limit=slots, seconds=self.config.lease_seconds
+        )
+
     # -- dispatch -------------------------------------------------------------------------
+
+    def _gates_closed(self) -> bool:
+        return self.circuit.closed and self.credentials.closed
+
+    @contextlib.contextmanager
+    def _reserve(self, slots: int) -> Iterator[None]:
+        """Hold `slots` claim slots while a claim is being made (ingest and dispatch both
+        claim); whatever the claim did not use is free again after it."""
+        self._reserved += slots
+        try:
+            yield
+        finally:
+            self._reserved -= slots
+            if slots:
+                self._slots_freed.set()
+
+    def _claim_slots(self) -> int:
+        return max(0, self._held_limit - len(self._in_flight) - self._reserved)
 
     def _free_slots(self) -> tuple[int, bool]:
         """How many claims dispatch may make now, and whether they are a probe."""
-        if self.circuit.closed and self.credentials.closed:
-            return self.config.concurrency - len(self._in_flight), False
+        if self._gates_closed():
+            return self._claim_slots(), False
         if self._probe_in_flight:
             return 0, False
         now = time.monotonic()
@@ -236,27 +310,24 @@ class Worker:
         return 0, False
 
     async def _dispatch_loop(self) -> None:
-        # Claim in batches: a claim costs the same few statements however many rows it takes,
-        # so with requests in flight wait until half the slots are free rather than claiming one
-        # delivery per finished request.
-        min_claim = max(1, min(self.config.concurrency // 2, self.config.batch_size))
         while not self._stopping.is_set():
             claimed_full = False
             slots, probe = self._free_slots()
-            if not probe and self._in_flight and slots < min_claim:
+            if not probe and self._in_flight and slots < self._min_claim:
                 await self._wait(self._dispatch_wakeup, self._dispatch_wait_seconds())
                 continue
             if slots > 0:
                 limit = min(slots, self.config.batch_size)
-                claims = await self._with_retries(
-                    functools.partial(
-                        self.store.claim_due,
-                        worker_id=self.id,
-                        limit=limit,
-                        lease_seconds=self.config.lease_seconds,
-                    ),
-                    "claim",
-                )
+                with self._reserve(limit):
+                    claims = await self._with_retries(
+                        functools.partial(
+                            self.store.claim_due,
+                            worker_id=self.id,
+                            limit=limit,
+                            lease_seconds=self.config.lease_seconds,
+                        ),
+                        "claim",
+                    )
                 if claims and self._stopping.is_set():
                     # Stopped while claiming: these never left.
                     with contextlib.suppress(StoreError):
@@ -268,16 +339,20 @@ class Worker:
                         if not gate.closed:
                             gate.start_probe()
                     log_event(log, logging.INFO, "circuit.probe", delivery_id=claims[0].delivery_id)
-                claimed_at = time.monotonic()
-                for claim in claims:
-                    task = asyncio.create_task(self._send(claim, claimed_at, probe=probe))
-                    self._in_flight[task] = claim
-                    task.add_done_callback(self._sent)
+                self._launch(claims, probe=probe)
                 claimed_full = len(claims) == limit and not probe
+                self._due_backlog = claimed_full
             if claimed_full:
                 await asyncio.sleep(0)  # let the requests start, then claim more
                 continue
             await self._wait(self._dispatch_wakeup, self._dispatch_wait_seconds())
+
+    def _launch(self, claims: list[Claim], *, probe: bool) -> None:
+        claimed_at = time.monotonic()
+        for claim in claims:
+            task = asyncio.create_task(self._send(claim, claimed_at, probe=probe))
+            self._in_flight[task] = claim
+            task.add_done_callback(self._sent)
 
     def _dispatch_wait_seconds(self) -> float:
         if self.circuit.closed and self.credentials.closed:
@@ -286,32 +361,14 @@ class Worker:
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(task, None)
-        self._dispatch_wakeup.set()
+        if self._due_backlog:
+            self._dispatch_wakeup.set()
+        self._slots_freed.set()
 
     async def _send(self, claim: Claim, claimed_at: float, *, probe: bool) -> None:
-        # The lease was granted on the database clock; this process measures from the grant.
-        # The request must end (its deadline) before the lease does; start-up guarantees a
-        # margin, this guards against a claim that waited too long in this process.
-        remaining = self.config.lease_seconds - (time.monotonic() - claimed_at)
-        if remaining <= self.config.http_timeout_seconds:
-            with contextlib.suppress(StoreError):
-                await self.store.release([claim])
-            if probe:
-                self._end_probe(abandoned=True)
+        answer = await self._post(claim, claimed_at, probe=probe)
+        if answer is None:
             return
-        self._sending.add(claim.delivery_id)
-        try:
-            answer = await self.publisher.publish(serialize(claim.payload))
-        except Exception as exc:  # a bug must not strand the claim: record it as a failed try
-            log.exception("delivery.publish_failed", extra={"delivery_id": claim.delivery_id})
-            answer = WebhookAnswer(
-                status_code=None,
-                duration_ms=int((time.monotonic() - claimed_at) * 1000),
-                started_at=datetime.now(UTC),
-                error=f"internal error: {type(exc).__name__}",
-            )
-        finally:
-            self._sending.discard(claim.delivery_id)
         verdict = classify(answer.status_code)
         metrics.WEBHOOK_REQUESTS.labels(
             code=str(answer.status_code) if answer.status_code is not None else "error"
@@ -334,6 +391,35 @@ class Worker:
                 may_have_landed=answer.may_have_landed,
             )
         )
+
+    async def _post(self, claim: Claim, claimed_at: float, *, probe: bool) -> WebhookAnswer | None:
+        """POST the claim's state, or give the claim back (None) if it should not leave now."""
+        # The lease was granted on the database clock; this process measures from the grant.
+        # The request must end (its deadline) before the lease does; start-up guarantees a
+        # margin, this guards against a claim that waited too long in this process.
+        remaining = self.config.lease_seconds - (time.monotonic() - claimed_at)
+        if self._stopping.is_set():
+            self._unsent.append(claim)  # released by `_drain`
+        elif remaining <= self.config.http_timeout_seconds:
+            with contextlib.suppress(StoreError):
+                await self.store.release([claim])
+        else:
+            self._sending.add(claim.delivery_id)
+            try:
+                return await self.publisher.publish(serialize(claim.payload))
+            except Exception as exc:  # a bug must not strand the claim: record a failed try
+                log.exception("delivery.publish_failed", extra={"delivery_id": claim.delivery_id})
+                return WebhookAnswer(
+                    status_code=None,
+                    duration_ms=int((time.monotonic() - claimed_at) * 1000),
+                    started_at=datetime.now(UTC),
+                    error=f"internal error: {type(exc).__name__}",
+                )
+            finally:
+                self._sending.discard(claim.delivery_id)
+        if probe:
+            self._end_probe(abandoned=True)
+        return None
 
     def _end_probe(self, *, abandoned: bool) -> None:
         self._probe_in_flight = False
@@ -412,10 +498,12 @@ class Worker:
             if outcome.status is None:
                 log_event(log, logging.WARNING, "delivery.lease_lost", **fields)
             elif outcome.status == "delivered":
-                woke = True
+                woke = woke or outcome.newer_waiting
                 if outcome.lag_seconds is not None:
                     metrics.DELIVERY_LAG.observe(max(outcome.lag_seconds, 0.0))
-                log_event(log, logging.INFO, "delivery.accepted", **fields)
+                # One line per delivery would dominate the logs at any real rate: the admin API
+                # and the metrics show each delivery; DEBUG shows the lines.
+                log_event(log, logging.DEBUG, "delivery.accepted", **fields)
             elif outcome.status == "retrying":
                 log_event(
                     log,
@@ -433,6 +521,7 @@ class Worker:
                 woke = True
                 log_event(log, logging.INFO, f"delivery.{outcome.status}", **fields)
         if woke:
+            self._due_backlog = True
             self._dispatch_wakeup.set()
 
     # -- housekeeping ---------------------------------------------------------------------

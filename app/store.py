@@ -281,15 +281,18 @@ class Store(AdminQueries):
         async with self._write() as conn:
             if not await self._take_lock(conn, "ingest"):
                 return None
+            leasing = lease is not None and lease.limit > 0
+            columns = [
+                outbox.c.id,
+                outbox.c.booking_id,
+                outbox.c.venue_id,
+                cast(outbox.c.payload, Text).label("payload_text"),
+                outbox.c.created_at,
+                clock_now().label("now"),  # the clock, without a round trip of its own
+            ]
             rows = (
                 await conn.execute(
-                    select(
-                        outbox.c.id,
-                        outbox.c.booking_id,
-                        outbox.c.venue_id,
-                        cast(outbox.c.payload, Text).label("payload_text"),
-                        outbox.c.created_at,
-                    )
+                    select(*columns)
                     .where(outbox.c.processed_at.is_(None))
                     .order_by(outbox.c.id)
                     .limit(limit)
@@ -297,7 +300,7 @@ class Store(AdminQueries):
             ).all()
             if not rows:
                 return IngestReport()
-            now = await self._now(conn)
+            now = max(row.now for row in rows)
             outcomes: dict[int, tuple[Outcome, str | None]] = {}
             newest: dict[str, tuple[Any, State]] = {}
             for row in rows:
@@ -318,12 +321,15 @@ class Store(AdminQueries):
                 newest[row.booking_id] = (row, state)
 
             bookings = await self._lock_bookings(conn, newest, with_snapshot=True)
-            active = await self._active_deliveries(conn, newest)
+            # A booking with no row yet has no deliveries (both are created together, and a
+            # booking row is pruned only when it has none active): skip the read for a batch of
+            # new bookings.
+            active = await self._active_deliveries(conn, bookings)
             # A full batch may have left newer rows of these bookings unread: those bookings
             # wait for the next batch to decide, as `claim_due` makes them wait.
             undecided: set[str] = set()
-            if lease is not None and lease.limit > 0 and len(rows) >= limit:
-                undecided = await self._undecided(conn, newest, after=rows[-1].id)
+            if leasing and len(rows) >= limit:
+                undecided = await self._unread_beyond(conn, newest, after=rows[-1].id)
             new_bookings: list[dict[str, Any]] = []
             touched_bookings: list[dict[str, Any]] = []
             new_deliveries: list[dict[str, Any]] = []
@@ -476,9 +482,26 @@ class Store(AdminQueries):
         )
         return {r.outbox_id: r.id for r in found if r.outbox_id in wanted}
 
-    async def _undecided(
-        self, conn: AsyncConnection, booking_ids: Iterable[str], *, after: int | None = None
+    async def _unread_beyond(
+        self, conn: AsyncConnection, booking_ids: Iterable[str], *, after: int
     ) -> set[str]:
+        """Those of these bookings with an unprocessed outbox row after id `after`.
+
+        `processed_at` is checked here, not in SQL: with it in the query, PostgreSQL can plan the
+        partial index of unprocessed rows, and with statistics lagging a burst it did, reading
+        the whole backlog on every call. By booking id alone only the booking index applies.
+        """
+        ids = sorted(set(booking_ids))
+        if not ids:
+            return set()
+        rows = await conn.execute(
+            select(outbox.c.booking_id, outbox.c.processed_at).where(
+                self._in(outbox.c.booking_id, ids), outbox.c.id > after
+            )
+        )
+        return {row.booking_id for row in rows if row.processed_at is None}
+
+    async def _undecided(self, conn: AsyncConnection, booking_ids: Iterable[str]) -> set[str]:
         """Bookings with a newer outbox row committed but not yet ingested: it may be a
         cancellation, or a return to what Mozrest already holds, so nothing of theirs leaves
         before ingest has decided it."""
@@ -488,14 +511,13 @@ class Store(AdminQueries):
         query = (
             select(outbox.c.booking_id)
             .distinct()
-            .where(self._in(outbox.c.booking_id, ids), outbox.c.processed_at.is_(None))
+            .select_from(outbox.join(booking, booking.c.booking_id == outbox.c.booking_id))
+            .where(
+                self._in(outbox.c.booking_id, ids),
+                outbox.c.processed_at.is_(None),
+                outbox.c.id > booking.c.last_outbox_id,
+            )
         )
-        if after is not None:
-            query = query.where(outbox.c.id > after)
-        else:
-            query = query.select_from(
-                outbox.join(booking, booking.c.booking_id == outbox.c.booking_id)
-            ).where(outbox.c.id > booking.c.last_outbox_id)
         return set((await conn.execute(query)).scalars())
 
     async def _supersede(self, conn: AsyncConnection, deliveries: list[Any], now: datetime) -> None:

@@ -7,6 +7,8 @@ import contextlib
 import hmac
 import json
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -90,6 +92,7 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
         if with_worker:
             runtime.worker = build_worker(settings, store)
             worker_task = asyncio.create_task(runtime.worker.run(), name="worker")
+            worker_task.add_done_callback(_exit_if_failed)
             listener = await start_listener(settings, runtime.worker)
         log_event(
             log,
@@ -186,6 +189,8 @@ async def readiness_checks(runtime: Runtime) -> dict[str, str]:
         elif revision != head:
             checks["schema"] = f"at {revision}, expected {head}: run mozrest-relay migrate"
     if runtime.worker is not None:
+        if runtime.worker.failure is not None:
+            checks["worker"] = "stopped after an internal error (worker.loop_failed): restarting"
         if runtime.worker.credentials_state != "ok":
             checks["mozrest"] = "credentials rejected (401): check MOZREST_WEBHOOK_TOKEN"
         elif runtime.worker.circuit_state != "closed":
@@ -225,6 +230,19 @@ async def refresh_gauges(runtime: Runtime) -> None:
     metrics.CIRCUIT_OPEN.set(1 if stats.circuit != "closed" or own_circuit_open else 0)
 
 
+def _exit_if_failed(task: asyncio.Task[None]) -> None:
+    """The in-process worker died of a bug: shut the process down (the API with it) and exit
+    non-zero, so its supervisor restarts it rather than serving an API over a dead worker."""
+    if task.cancelled() or task.exception() is None:
+        return
+    global _worker_failed
+    _worker_failed = True
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+_worker_failed = False
+
+
 class _Server(uvicorn.Server):
     """uvicorn re-raises a SIGTERM it has already handled by shutting down gracefully, so the
     process would die of the signal; the relay exits 0 instead (SPEC 3.11)."""
@@ -250,6 +268,8 @@ def serve(settings: Settings, *, with_worker: bool) -> None:
         lifespan="on",
     )
     _Server(config).run()
+    if _worker_failed:
+        raise SystemExit(1)
 
 
 __all__ = ["Runtime", "create_app", "serve"]

@@ -40,6 +40,10 @@ INGEST_PACE_SECONDS = 1.0
 T = TypeVar("T")
 
 
+class WorkerFailed(RuntimeError):
+    """One of the worker's loops died of an unexpected error (logged as `worker.loop_failed`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     """The tuning the loop needs, in seconds and counts."""
@@ -114,6 +118,8 @@ class Worker:
         self._sending: set[int] = set()
         self._unsent: list[Claim] = []
         self._probe_in_flight = False
+        self.failure: BaseException | None = None
+        """Set when a loop died of an unexpected error: the worker then stops and `run()` raises."""
         # Claims are made in batches: a claim costs the same few statements however many rows
         # it takes, so with claims held wait until half a batch is free rather than claiming
         # one delivery per finished request.
@@ -155,6 +161,8 @@ class Worker:
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
         ]
+        for task in [recorder, *loops]:
+            task.add_done_callback(self._loop_ended)
         try:
             await self._stopping.wait()
         finally:
@@ -170,6 +178,24 @@ class Worker:
             with contextlib.suppress(StoreError):
                 await asyncio.wait_for(self.store.mark_stopped(self.id), timeout=5)
             log_event(log, logging.INFO, "worker.stopped", worker_id=self.id)
+        if self.failure is not None:
+            raise WorkerFailed(str(self.failure)) from self.failure
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """A loop ends only when the worker stops; one that died of a bug stops the worker, so
+        the process exits non-zero and its supervisor restarts it, rather than running on
+        without ingesting or recording. What it held is released or expires with its lease."""
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        log.error(
+            "worker.loop_failed",
+            exc_info=error,
+            extra={"loop": task.get_name(), "worker_id": self.id},
+        )
+        if self.failure is None:
+            self.failure = error
+        self.stop()
 
     async def _drain(self, recorder: asyncio.Task[None], *, deadline: float) -> None:
         """Let requests on the wire finish within the grace; release what never left; record
@@ -193,6 +219,8 @@ class Worker:
             await asyncio.wait_for(recorder, timeout=max(deadline - time.monotonic(), 5.0))
         except TimeoutError:
             log_event(log, logging.ERROR, "worker.unrecorded", attempts=self._results.qsize())
+        except Exception as exc:  # the recorder died of a bug: `_loop_ended` logs it
+            self.failure = self.failure or exc
 
     async def _with_retries(
         self, call: Callable[[], Awaitable[T]], what: str, *, until_stopped: bool = True

@@ -32,7 +32,7 @@ from app.models import worker as worker_table
 from app.runtime import build_store, build_worker
 from app.settings import Settings
 from app.store import Store
-from app.worker import Worker
+from app.worker import Worker, WorkerFailed
 from tests.conftest import eventually, free_port
 
 TOKEN = "test-token"
@@ -964,6 +964,40 @@ def test_a_stopped_worker_always_returns_within_its_grace(
         timeout=90,
     )
     assert result.returncode == 0, f"{result.stdout}{result.stderr[-3000:]}"
+
+
+async def test_a_loop_that_dies_of_a_bug_stops_the_worker_and_loses_nothing(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in one loop (here: recording answers) must not leave a worker running without it:
+    the worker logs `worker.loop_failed`, stops within its grace and raises, so the process exits
+    non-zero and is restarted; the state it sent but could not record is sent again by the next
+    worker once the lease ends (at-least-once)."""
+    settings = relay.settings()
+    store = build_store(settings, relay.engine)
+
+    async def broken_record(*args: Any, **kwargs: Any) -> Any:
+        raise TypeError("simulated bug while recording")
+
+    store.record = broken_record  # type: ignore[method-assign]
+    worker = build_worker(settings, store)
+    payload = state("bk-bug")
+    (outbox_id,) = await relay.insert(payload)
+    try:
+        with pytest.raises(WorkerFailed, match="simulated bug while recording"):
+            await asyncio.wait_for(worker.run(), timeout=settings.relay_shutdown_grace + 5)
+    finally:
+        await worker.publisher.aclose()
+    failures = [r for r in caplog.records if r.getMessage() == "worker.loop_failed"]
+    assert failures and failures[0].loop == "record"  # type: ignore[attr-defined]
+
+    await relay.start()
+
+    async def sent_again_and_recorded() -> bool:
+        return (await relay.delivery_of(outbox_id)).status == "delivered"
+
+    await eventually(sent_again_and_recorded, timeout=settings.relay_lease_seconds + 5)
+    assert [r["body"] for r in await relay.requests("bk-bug")] == [payload, payload]
 
 
 # -- 3.12 retention -----------------------------------------------------------------------------

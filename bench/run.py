@@ -133,7 +133,8 @@ class Suite:
         previous = RESULTS / "latest.json"
         if previous.exists():
             try:
-                return round(float(json.loads(previous.read_text())["drain"]["rate"]) / 2, 1)
+                saved = json.loads(previous.read_text())
+                return round(float(saved["results"]["drain"]["rate"]) / 2, 1)
             except (KeyError, TypeError, ValueError):
                 pass
         return 250.0

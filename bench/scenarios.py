@@ -378,6 +378,15 @@ async def latency_pg(
                         for b, ns in commits.items()
                         if b in dump["bookings"]
                     ]
+                    # The worst latency of each second of the phase: a tail spread evenly and
+                    # one made of a few stalls look alike in a percentile.
+                    t0 = min(commits.values(), default=0)
+                    per_second: dict[int, float] = {}
+                    for b, ns in commits.items():
+                        if b in dump["bookings"]:
+                            second = (ns - t0) // 1_000_000_000
+                            latency = (dump["bookings"][b][1] - ns) / 1e6
+                            per_second[second] = max(per_second.get(second, 0.0), latency)
                     phase = {
                         "rate": rate,
                         "samples": len(lat_ms),
@@ -385,6 +394,7 @@ async def latency_pg(
                         "p50_ms": _r(percentile(lat_ms, 50)),
                         "p99_ms": _r(percentile(lat_ms, 99)),
                         "max_ms": _r(max(lat_ms) if lat_ms else None),
+                        "max_ms_per_second": [round(per_second[k]) for k in sorted(per_second)],
                         "cpu_cores": cpu,
                         **produced,
                     }

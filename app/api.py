@@ -24,7 +24,13 @@ from app import __version__, metrics
 from app.logs import configure_logging, get_logger, log_event
 from app.migrate import head_revision
 from app.publisher import PartnerApi
-from app.runtime import build_engine, build_store, build_worker, start_listener
+from app.runtime import (
+    build_engine,
+    build_store,
+    build_worker,
+    freeze_startup_objects,
+    start_listener,
+)
 from app.settings import Settings
 from app.store import Store, StoreError
 from app.store_admin import ConflictError, NotFoundError
@@ -94,6 +100,7 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
             worker_task = asyncio.create_task(runtime.worker.run(), name="worker")
             worker_task.add_done_callback(_exit_if_failed)
             listener = await start_listener(settings, runtime.worker)
+        freeze_startup_objects()
         log_event(
             log,
             logging.INFO,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -81,11 +81,18 @@ class IngestReport:
 
 @dataclass(frozen=True, slots=True)
 class LeaseRequest:
-    """Lease up to `limit` deliveries to `worker_id` for `seconds` (see `Store.ingest`)."""
+    """Lease deliveries to `worker_id` for `seconds` (see `Store.ingest`): at most `limit`, and,
+    with `take`, only as many as `take(wanted)` grants when the transaction knows how many it
+    could lease (the worker's free request slots at that instant)."""
 
     worker_id: str
     limit: int
     seconds: float
+    take: Callable[[int], int] | None = None
+
+    def grant(self, wanted: int) -> int:
+        wanted = min(wanted, self.limit)
+        return wanted if self.take is None else max(0, min(wanted, self.take(wanted)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,7 +344,7 @@ class Store(AdminQueries):
             touched_bookings: list[dict[str, Any]] = []
             new_deliveries: list[dict[str, Any]] = []
             superseded: list[Any] = []
-            leased: dict[int, dict[str, Any]] = {}
+            leasable: list[tuple[dict[str, Any], dict[str, Any]]] = []
             expires = now + timedelta(seconds=lease.seconds) if lease is not None else now
             token = uuid.uuid4().hex
             for booking_id in sorted(newest):
@@ -392,24 +399,25 @@ class Store(AdminQueries):
                         "lease_token": None,
                         "lease_expires_at": None,
                     }
-                    if (
-                        lease is not None
-                        and len(leased) < lease.limit
-                        and due <= now
-                        and booking_id not in undecided
-                    ):
-                        # Due now, nothing on the wire: lease it here (`claim_due`'s rules).
-                        delivery_row.update(
-                            lease_owner=lease.worker_id,
-                            lease_token=token,
-                            lease_expires_at=expires,
-                            next_attempt_at=expires,
-                        )
-                        leased[row.id] = delivery_row
-                        values["sent_outbox_id"] = row.id
+                    if lease is not None and due <= now and booking_id not in undecided:
+                        # Due now, nothing on the wire: it may be leased here (`claim_due`'s
+                        # rules), if the worker has a slot for it (below).
+                        leasable.append((delivery_row, values))
                     new_deliveries.append(delivery_row)
                 (touched_bookings if known is not None else new_bookings).append(values)
 
+            leased: dict[int, dict[str, Any]] = {}
+            if lease is not None and leasable:
+                leasable.sort(key=lambda pair: pair[0]["outbox_id"])  # oldest states first
+                for delivery_row, values in leasable[: lease.grant(len(leasable))]:
+                    delivery_row.update(
+                        lease_owner=lease.worker_id,
+                        lease_token=token,
+                        lease_expires_at=expires,
+                        next_attempt_at=expires,
+                    )
+                    leased[delivery_row["outbox_id"]] = delivery_row
+                    values["sent_outbox_id"] = delivery_row["outbox_id"]
             if new_bookings:
                 await conn.execute(
                     insert(booking),
@@ -554,8 +562,16 @@ class Store(AdminQueries):
     # -- dispatch -------------------------------------------------------------------------
 
     @translate_errors
-    async def claim_due(self, *, worker_id: str, limit: int, lease_seconds: float) -> list[Claim]:
-        """Lease up to `limit` due deliveries, at most one per booking across all processes."""
+    async def claim_due(
+        self,
+        *,
+        worker_id: str,
+        limit: int,
+        lease_seconds: float,
+        take: Callable[[int], int] | None = None,
+    ) -> list[Claim]:
+        """Lease up to `limit` due deliveries, at most one per booking across all processes;
+        with `take`, only as many as `take(found)` grants once they are found."""
         if limit <= 0:
             return []
         async with self._write() as conn:
@@ -607,6 +623,8 @@ class Store(AdminQueries):
                     continue
                 chosen.append(newest)
             await self._supersede(conn, stale, now)
+            if chosen and take is not None:
+                chosen = chosen[: max(0, take(len(chosen)))]
             if not chosen:
                 return []
             ids = [d.id for d in chosen]

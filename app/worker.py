@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -250,7 +251,9 @@ class Worker:
         backlog = False
         while not self._stopping.is_set():
             limit, lease = await self._ingest_terms(backlog)
-            with self._reserve(lease.limit if lease is not None else 0):
+            with self._slots() as take:
+                if lease is not None:
+                    lease = dataclasses.replace(lease, take=take)
                 report = await self._with_retries(
                     functools.partial(self.store.ingest, limit=limit, lease=lease), "ingest"
                 )
@@ -259,7 +262,12 @@ class Worker:
                 for outcome, count in report.outcomes.items():
                     metrics.OUTBOX_ROWS.labels(outcome=outcome).inc(count)
                 log_event(
-                    log, logging.DEBUG, "outbox.ingested", rows=report.rows, **report.outcomes
+                    log,
+                    logging.DEBUG,
+                    "outbox.ingested",
+                    rows=report.rows,
+                    leased=len(report.claims),
+                    **report.outcomes,
                 )
                 if report.claims and self._stopping.is_set():
                     with contextlib.suppress(StoreError):
@@ -311,15 +319,29 @@ class Worker:
         return self.circuit.closed and self.credentials.closed
 
     @contextlib.contextmanager
-    def _reserve(self, slots: int) -> Iterator[None]:
-        """Hold `slots` claim slots while a claim is being made (ingest and dispatch both
-        claim); whatever the claim did not use is free again after it."""
-        self._reserved += slots
+    def _slots(self) -> Iterator[Callable[[int], int]]:
+        """Hand a claim (ingest's or dispatch's) a `take(wanted)` that grants free request slots
+        at the moment the claim knows how many it can lease, and holds them until the claim
+        returns (its claims are then in flight). Reserving up front would hold every free slot
+        for the whole transaction, and ingest and dispatch, both claiming, would starve each
+        other (measured: states left for dispatch's next poll, 50 ms later).
+        """
+        taken = 0
+
+        def take(wanted: int) -> int:
+            nonlocal taken
+            if not self._gates_closed():
+                return 0  # the circuit opened (or credentials failed) while claiming
+            granted = max(0, min(wanted, self._claim_slots()))
+            self._reserved += granted
+            taken += granted
+            return granted
+
         try:
-            yield
+            yield take
         finally:
-            self._reserved -= slots
-            if slots:
+            self._reserved -= taken
+            if taken:
                 self._slots_freed.set()
 
     def _claim_slots(self) -> int:
@@ -346,13 +368,14 @@ class Worker:
                 continue
             if slots > 0:
                 limit = min(slots, self.config.batch_size)
-                with self._reserve(limit):
+                with self._slots() as take:
                     claims = await self._with_retries(
                         functools.partial(
                             self.store.claim_due,
                             worker_id=self.id,
                             limit=limit,
                             lease_seconds=self.config.lease_seconds,
+                            take=None if probe else take,
                         ),
                         "claim",
                     )

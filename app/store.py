@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -26,6 +26,7 @@ from sqlalchemy import (
     ARRAY,
     BigInteger,
     ColumnElement,
+    Integer,
     String,
     Text,
     any_,
@@ -172,6 +173,7 @@ class Store(AdminQueries):
         self.retry_policy = retry_policy or RetryPolicy()
         self.credentials_cooldown_seconds = credentials_cooldown_seconds
         self._reader = engine.execution_options(**{READ_ONLY: True})
+        self._statements: dict[Hashable, Any] = {}
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -185,19 +187,39 @@ class Store(AdminQueries):
         async with self._reader.connect() as conn:
             yield conn
 
-    @staticmethod
-    async def _now(conn: AsyncConnection) -> datetime:
-        value: datetime = (await conn.execute(select(clock_now()))).scalar_one()
+    def _statement(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """The hot path's statements, built once: building one (and its cache key) cost
+        SQLAlchemy more than executing it from its compiled cache. Their variable parts are
+        bound parameters."""
+        statement = self._statements.get(key)
+        if statement is None:
+            statement = self._statements[key] = build()
+        return statement
+
+    async def _now(self, conn: AsyncConnection) -> datetime:
+        statement = self._statement("now", lambda: select(clock_now()))
+        value: datetime = (await conn.execute(statement)).scalar_one()
         return value
 
     async def _take_lock(self, conn: AsyncConnection, name: str) -> bool:
         """Hold the named process-wide mutex for this transaction, or False if another has it."""
-        row = (
-            await conn.execute(
-                select(lock.c.name).where(lock.c.name == name).with_for_update(skip_locked=True)
-            )
-        ).first()
+        statement = self._statement(
+            "lock",
+            lambda: (
+                select(lock.c.name)
+                .where(lock.c.name == bindparam("name"))
+                .with_for_update(skip_locked=True)
+            ),
+        )
+        row = (await conn.execute(statement, {"name": name})).first()
         return row is not None
+
+    def _in_param(self, column: Any, name: str) -> ColumnElement[bool]:
+        """`_in` for a prebuilt statement: the list is the bound parameter `name`."""
+        if self.dialect != "postgresql":
+            return column.in_(bindparam(name, expanding=True))
+        item = BigInteger() if isinstance(column.type, BigInteger) else String()
+        return column == any_(bindparam(name, type_=ARRAY(item)))
 
     def _in(self, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
         """`column IN (values)`; on PostgreSQL `column = ANY(:array)`, one parameter however
@@ -223,13 +245,18 @@ class Store(AdminQueries):
         ids = sorted(set(booking_ids))
         if not ids:
             return {}
-        columns = [c for c in booking.c if with_snapshot or c is not booking.c.accepted_payload]
-        rows = await conn.execute(
-            select(*columns)
-            .where(self._in(booking.c.booking_id, ids))
-            .order_by(booking.c.booking_id)
-            .with_for_update(skip_locked=skip_locked)
+        statement = self._statement(
+            ("lock_bookings", skip_locked, with_snapshot),
+            lambda: (
+                select(
+                    *(c for c in booking.c if with_snapshot or c is not booking.c.accepted_payload)
+                )
+                .where(self._in_param(booking.c.booking_id, "ids"))
+                .order_by(booking.c.booking_id)
+                .with_for_update(skip_locked=skip_locked)
+            ),
         )
+        rows = await conn.execute(statement, {"ids": ids})
         return {row.booking_id: row for row in rows}
 
     async def _active_deliveries(
@@ -248,28 +275,31 @@ class Store(AdminQueries):
         grouped: dict[str, list[Any]] = defaultdict(list)
         if not ids:
             return grouped
-        active = delivery.c.status.in_(ACTIVE_STATUSES)
-        rows = await conn.execute(
-            select(
-                delivery.c.id,
-                delivery.c.booking_id,
-                delivery.c.venue_id,
-                delivery.c.outbox_id,
-                (case((active, delivery.c.payload), else_=null()) if payloads else null()).label(
-                    "payload"
-                ),
-                delivery.c.status,
-                delivery.c.attempt_count,
-                delivery.c.created_at,
-                delivery.c.outbox_created_at,
-                delivery.c.requeued_at,
-                delivery.c.next_attempt_at,
-                delivery.c.lease_token,
-                delivery.c.lease_expires_at,
+
+        def build() -> Any:
+            active = delivery.c.status.in_(ACTIVE_STATUSES)
+            payload = case((active, delivery.c.payload), else_=null()) if payloads else null()
+            return (
+                select(
+                    delivery.c.id,
+                    delivery.c.booking_id,
+                    delivery.c.venue_id,
+                    delivery.c.outbox_id,
+                    payload.label("payload"),
+                    delivery.c.status,
+                    delivery.c.attempt_count,
+                    delivery.c.created_at,
+                    delivery.c.outbox_created_at,
+                    delivery.c.requeued_at,
+                    delivery.c.next_attempt_at,
+                    delivery.c.lease_token,
+                    delivery.c.lease_expires_at,
+                )
+                .where(self._in_param(delivery.c.booking_id, "ids"))
+                .order_by(delivery.c.outbox_id, delivery.c.id)
             )
-            .where(self._in(delivery.c.booking_id, ids))
-            .order_by(delivery.c.outbox_id, delivery.c.id)
-        )
+
+        rows = await conn.execute(self._statement(("active", payloads), build), {"ids": ids})
         for row in rows:
             if row.status in ACTIVE_STATUSES:
                 grouped[row.booking_id].append(row)
@@ -291,22 +321,23 @@ class Store(AdminQueries):
             if not await self._take_lock(conn, "ingest"):
                 return None
             leasing = lease is not None and lease.limit > 0
-            columns = [
-                outbox.c.id,
-                outbox.c.booking_id,
-                outbox.c.venue_id,
-                cast(outbox.c.payload, Text).label("payload_text"),
-                outbox.c.created_at,
-                clock_now().label("now"),  # the clock, without a round trip of its own
-            ]
-            rows = (
-                await conn.execute(
-                    select(*columns)
+            statement = self._statement(
+                "unprocessed",
+                lambda: (
+                    select(
+                        outbox.c.id,
+                        outbox.c.booking_id,
+                        outbox.c.venue_id,
+                        cast(outbox.c.payload, Text).label("payload_text"),
+                        outbox.c.created_at,
+                        clock_now().label("now"),  # the clock, without a round trip of its own
+                    )
                     .where(outbox.c.processed_at.is_(None))
                     .order_by(outbox.c.id)
-                    .limit(limit)
-                )
-            ).all()
+                    .limit(bindparam("limit", type_=Integer))
+                ),
+            )
+            rows = (await conn.execute(statement, {"limit": limit})).all()
             if not rows:
                 return IngestReport()
             now = max(row.now for row in rows)
@@ -506,11 +537,13 @@ class Store(AdminQueries):
         """
         if not after:
             return set()
-        rows = await conn.execute(
-            select(outbox.c.booking_id, outbox.c.id, outbox.c.processed_at).where(
-                self._in(outbox.c.booking_id, sorted(after))
-            )
+        statement = self._statement(
+            "unread_after",
+            lambda: select(outbox.c.booking_id, outbox.c.id, outbox.c.processed_at).where(
+                self._in_param(outbox.c.booking_id, "ids")
+            ),
         )
+        rows = await conn.execute(statement, {"ids": sorted(after)})
         return {
             row.booking_id
             for row in rows
@@ -543,12 +576,16 @@ class Store(AdminQueries):
                 by_outcome[outcome].append(row_id)
             else:
                 errors.append({"o_id": row_id, "o_outcome": str(outcome), "o_error": error})
-        for outcome, ids in by_outcome.items():
-            await conn.execute(
+        statement = self._statement(
+            "processed",
+            lambda: (
                 update(outbox)
-                .where(self._in(outbox.c.id, ids))
-                .values(processed_at=now, outcome=str(outcome))
-            )
+                .where(self._in_param(outbox.c.id, "ids"))
+                .values(processed_at=bindparam("now"), outcome=bindparam("outcome"))
+            ),
+        )
+        for outcome, ids in by_outcome.items():
+            await conn.execute(statement, {"ids": ids, "now": now, "outcome": str(outcome)})
         if errors:
             await conn.execute(
                 update(outbox)
@@ -742,26 +779,10 @@ class Store(AdminQueries):
             if snapshots:
                 # Copied from the delivery rows in the database: no payload is encoded here or
                 # sent back over the wire.
-                accepted = delivery.alias("accepted")
+                statement = self._statement("snapshot", self._snapshot_statement)
                 await conn.execute(
-                    update(booking)
-                    .where(
-                        booking.c.booking_id == accepted.c.booking_id,
-                        self._in(accepted.c.id, [c.delivery_id for c in snapshots.values()]),
-                        (booking.c.accepted_outbox_id.is_(None))
-                        | (booking.c.accepted_outbox_id <= accepted.c.outbox_id),
-                    )
-                    .values(
-                        accepted_payload=accepted.c.payload,
-                        accepted_outbox_id=accepted.c.outbox_id,
-                        accepted_at=now,
-                        # An unanswered state no newer than this one no longer matters.
-                        unconfirmed_outbox_id=case(
-                            (booking.c.unconfirmed_outbox_id <= accepted.c.outbox_id, None),
-                            else_=booking.c.unconfirmed_outbox_id,
-                        ),
-                        updated_at=now,
-                    )
+                    statement,
+                    {"ids": [c.delivery_id for c in snapshots.values()], "now": now},
                 )
             if unanswered:
                 await conn.execute(
@@ -804,6 +825,31 @@ class Store(AdminQueries):
                 )
             return settled
 
+    def _snapshot_statement(self) -> Any:
+        """The accepted states become their bookings' snapshots, copied from the delivery rows
+        inside the database: no payload is encoded here or sent back over the wire."""
+        accepted = delivery.alias("accepted")
+        return (
+            update(booking)
+            .where(
+                booking.c.booking_id == accepted.c.booking_id,
+                self._in_param(accepted.c.id, "ids"),
+                (booking.c.accepted_outbox_id.is_(None))
+                | (booking.c.accepted_outbox_id <= accepted.c.outbox_id),
+            )
+            .values(
+                accepted_payload=accepted.c.payload,
+                accepted_outbox_id=accepted.c.outbox_id,
+                accepted_at=bindparam("now"),
+                # An unanswered state no newer than this one no longer matters.
+                unconfirmed_outbox_id=case(
+                    (booking.c.unconfirmed_outbox_id <= accepted.c.outbox_id, None),
+                    else_=booking.c.unconfirmed_outbox_id,
+                ),
+                updated_at=bindparam("now"),
+            )
+        )
+
     async def _apply_changes(
         self, conn: AsyncConnection, changes: list[dict[str, Any]], now: datetime
     ) -> None:
@@ -825,20 +871,29 @@ class Store(AdminQueries):
             "lease_expires_at": None,
             "updated_at": now,
         }
+        grouped = self._statement(
+            "settle_alike",
+            lambda: (
+                update(delivery)
+                .where(self._in_param(delivery.c.id, "ids"))
+                .values(
+                    status=bindparam("c_status"),
+                    next_attempt_at=bindparam("c_next_attempt_at"),
+                    delivered_at=bindparam("c_delivered_at"),
+                    last_status_code=bindparam("c_status_code"),
+                    last_error=bindparam("c_error"),
+                    attempt_count=delivery.c.attempt_count + 1,
+                    lease_owner=None,
+                    lease_token=None,
+                    lease_expires_at=None,
+                    updated_at=bindparam("now"),
+                )
+            ),
+        )
         for key, ids in groups.items():
             if len(ids) > 1:
-                status, next_at, delivered_at, status_code, error = key
                 await conn.execute(
-                    update(delivery)
-                    .where(self._in(delivery.c.id, ids))
-                    .values(
-                        status=status,
-                        next_attempt_at=next_at,
-                        delivered_at=delivered_at,
-                        last_status_code=status_code,
-                        last_error=error,
-                        **cleared,
-                    )
+                    grouped, {"ids": ids, "now": now, **dict(zip(_CHANGE_FIELDS, key, strict=True))}
                 )
         if one_by_one:
             await conn.execute(

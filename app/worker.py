@@ -38,6 +38,8 @@ RECORD_LINGER_SECONDS = 0.005
 #: With a backlog and every claim slot taken, ingest waits this long at most for slots to free
 #: before it ingests without leasing (outcomes of rows that are not sent are never held longer).
 INGEST_PACE_SECONDS = 1.0
+#: Consecutive ingests that find rows start at least this far apart (see `_ingest_loop`).
+INGEST_LINGER_SECONDS = 0.005
 T = TypeVar("T")
 
 
@@ -249,7 +251,15 @@ class Worker:
 
     async def _ingest_loop(self) -> None:
         backlog = False
+        busy_since: float | None = None  # the start of the last ingest, if it found rows
         while not self._stopping.is_set():
+            if busy_since is not None and not backlog:
+                # Rows keep arriving (each NOTIFY wakes ingest): let a few more commit rather
+                # than run one small transaction per row. Never after a quiet spell.
+                linger = INGEST_LINGER_SECONDS - (time.monotonic() - busy_since)
+                if linger > 0:
+                    await asyncio.sleep(linger)
+            started = time.monotonic()
             limit, lease = await self._ingest_terms(backlog)
             with self._slots() as take:
                 if lease is not None:
@@ -258,6 +268,7 @@ class Worker:
                     functools.partial(self.store.ingest, limit=limit, lease=lease), "ingest"
                 )
             backlog = False
+            busy_since = started if report is not None and report.rows else None
             if report is not None and report.rows:
                 for outcome, count in report.outcomes.items():
                     metrics.OUTBOX_ROWS.labels(outcome=outcome).inc(count)

@@ -38,8 +38,8 @@ RECORD_LINGER_SECONDS = 0.005
 #: With a backlog and every claim slot taken, ingest waits this long at most for slots to free
 #: before it ingests without leasing (outcomes of rows that are not sent are never held longer).
 INGEST_PACE_SECONDS = 1.0
-#: Consecutive ingests that find rows start at least this far apart (see `_ingest_loop`).
-INGEST_LINGER_SECONDS = 0.005
+#: At most this pause between consecutive ingests that find rows (see `_ingest_loop`).
+INGEST_LINGER_SECONDS = 0.02
 T = TypeVar("T")
 
 
@@ -251,14 +251,13 @@ class Worker:
 
     async def _ingest_loop(self) -> None:
         backlog = False
-        busy_since: float | None = None  # the start of the last ingest, if it found rows
+        linger = 0.0  # before the next ingest, when the last one found rows
         while not self._stopping.is_set():
-            if busy_since is not None and not backlog:
-                # Rows keep arriving (each NOTIFY wakes ingest): let a few more commit rather
-                # than run one small transaction per row. Never after a quiet spell.
-                linger = INGEST_LINGER_SECONDS - (time.monotonic() - busy_since)
-                if linger > 0:
-                    await asyncio.sleep(linger)
+            if linger > 0 and not backlog:
+                # Rows keep arriving: let more commit rather than run one small transaction per
+                # row. As long as the last ingest took (at most INGEST_LINGER_SECONDS): a few
+                # milliseconds when the worker is idle, larger batches when it is busy.
+                await asyncio.sleep(linger)
             started = time.monotonic()
             limit, lease = await self._ingest_terms(backlog)
             with self._slots() as take:
@@ -268,7 +267,8 @@ class Worker:
                     functools.partial(self.store.ingest, limit=limit, lease=lease), "ingest"
                 )
             backlog = False
-            busy_since = started if report is not None and report.rows else None
+            took = time.monotonic() - started
+            linger = min(took, INGEST_LINGER_SECONDS) if report is not None and report.rows else 0.0
             if report is not None and report.rows:
                 for outcome, count in report.outcomes.items():
                     metrics.OUTBOX_ROWS.labels(outcome=outcome).inc(count)
@@ -288,9 +288,10 @@ class Worker:
                 if report.queued:
                     self._due_backlog = True
                     self._dispatch_wakeup.set()
-                if report.rows >= limit:
-                    backlog = True
-                    continue  # more rows are waiting
+                backlog = report.rows >= limit
+                # Rows are arriving: look again at once (spaced by the linger above) rather
+                # than after a poll interval. Only an empty look waits for the next poll.
+                continue
             await self._wait(self._ingest_wakeup, self.config.poll_interval_seconds)
 
     async def _ingest_terms(self, backlog: bool) -> tuple[int, LeaseRequest | None]:

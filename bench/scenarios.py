@@ -353,7 +353,9 @@ async def latency_pg(
                 port=int(url.rsplit(":", 1)[1].split("/")[0]),
                 user="postgres",
                 database=database,
-                min_size=4,
+                # Warm, as an RMS's pool is: a phase that needs more connections would
+                # otherwise time the start of PostgreSQL backends, not the relay.
+                min_size=16,
                 max_size=16,
             )
             vacuum = AutovacuumStandIn(database, AUTOVACUUM_NAPTIME)

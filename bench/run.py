@@ -50,10 +50,9 @@ ALL = (
     "sqlite",
     "mariadb",
     "diagnose",
-    "bloat",
 )
 #: What `make bench` runs: all but the diagnosis drains and the dead-tuple EXPLAINs (`--only`).
-DEFAULT = tuple(s for s in ALL if s not in {"diagnose", "bloat"})
+DEFAULT = tuple(s for s in ALL if s != "diagnose")
 #: Issue 6's targets.
 TARGETS = {
     "drain_pg": 3000.0,
@@ -235,9 +234,6 @@ class Suite:
             }
             for name, runs in out.items()
         }
-
-    async def s_bloat(self) -> dict[str, Any]:
-        return await scenarios.bloat_pg(self.workdir, n=self.args.n, tag=self.next_tag())
 
     async def s_mariadb(self) -> dict[str, Any]:
         try:

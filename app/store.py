@@ -544,10 +544,11 @@ class Store(AdminQueries):
             ),
         )
         rows = await conn.execute(statement, {"ids": sorted(after)})
+        # `.get`: MySQL's PAD SPACE collations match ids that differ by trailing spaces.
         return {
             row.booking_id
             for row in rows
-            if row.processed_at is None and row.id > after[row.booking_id]
+            if row.processed_at is None and row.id > after.get(row.booking_id, row.id)
         }
 
     async def _supersede(self, conn: AsyncConnection, deliveries: list[Any], now: datetime) -> None:

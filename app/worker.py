@@ -29,7 +29,7 @@ from app.contract import serialize
 from app.logs import get_logger, log_event
 from app.policy import Breaker, Verdict, classify
 from app.publisher import Publisher, WebhookAnswer
-from app.settings import Settings
+from app.settings import LEASE_MARGIN_SECONDS, Settings
 from app.store import AttemptResult, Claim, LeaseRequest, Store, StoreError, WorkerInfo
 
 log = get_logger("worker")
@@ -191,6 +191,8 @@ class Worker:
         if task.cancelled() or task.exception() is None:
             return
         error = task.exception()
+        if isinstance(error, StoreError) and self._stopping.is_set():
+            return  # stopped while the database was out: retries end with the last error
         log.error(
             "worker.loop_failed",
             exc_info=error,
@@ -260,6 +262,7 @@ class Worker:
                 await asyncio.sleep(linger)
             started = time.monotonic()
             limit, lease = await self._ingest_terms(backlog)
+            claimed_at = time.monotonic()
             with self._slots() as take:
                 if lease is not None:
                     lease = dataclasses.replace(lease, take=take)
@@ -284,7 +287,7 @@ class Worker:
                     with contextlib.suppress(StoreError):
                         await self.store.release(report.claims)
                     break
-                self._launch(report.claims, probe=False)
+                self._launch(report.claims, probe=False, claimed_at=claimed_at)
                 if report.queued:
                     self._due_backlog = True
                     self._dispatch_wakeup.set()
@@ -342,8 +345,8 @@ class Worker:
 
         def take(wanted: int) -> int:
             nonlocal taken
-            if not self._gates_closed():
-                return 0  # the circuit opened (or credentials failed) while claiming
+            if self._stopping.is_set() or not self._gates_closed():
+                return 0  # stopping, or the circuit opened (or credentials failed) meanwhile
             granted = max(0, min(wanted, self._claim_slots()))
             self._reserved += granted
             taken += granted
@@ -380,6 +383,7 @@ class Worker:
                 continue
             if slots > 0:
                 limit = min(slots, self.config.batch_size)
+                claimed_at = time.monotonic()
                 with self._slots() as take:
                     claims = await self._with_retries(
                         functools.partial(
@@ -402,7 +406,7 @@ class Worker:
                         if not gate.closed:
                             gate.start_probe()
                     log_event(log, logging.INFO, "circuit.probe", delivery_id=claims[0].delivery_id)
-                self._launch(claims, probe=probe)
+                self._launch(claims, probe=probe, claimed_at=claimed_at)
                 claimed_full = len(claims) == limit and not probe
                 self._due_backlog = claimed_full
             if claimed_full:
@@ -410,8 +414,10 @@ class Worker:
                 continue
             await self._wait(self._dispatch_wakeup, self._dispatch_wait_seconds())
 
-    def _launch(self, claims: list[Claim], *, probe: bool) -> None:
-        claimed_at = time.monotonic()
+    def _launch(self, claims: list[Claim], *, probe: bool, claimed_at: float) -> None:
+        """Start a request for each claim. `claimed_at` is when the claiming call started: the
+        database granted the leases later than that (its clock read comes after the call's
+        locks), so measuring from it errs on the safe side."""
         for claim in claims:
             task = asyncio.create_task(self._send(claim, claimed_at, probe=probe))
             self._in_flight[task] = claim
@@ -457,13 +463,17 @@ class Worker:
 
     async def _post(self, claim: Claim, claimed_at: float, *, probe: bool) -> WebhookAnswer | None:
         """POST the claim's state, or give the claim back (None) if it should not leave now."""
-        # The lease was granted on the database clock; this process measures from the grant.
-        # The request must end (its deadline) before the lease does; start-up guarantees a
-        # margin, this guards against a claim that waited too long in this process.
+        # The lease was granted on the database clock; this process measures from before the
+        # grant. The request must end (its deadline) before the lease does: start-up guarantees
+        # RELAY_LEASE_SECONDS >= RELAY_HTTP_TIMEOUT + LEASE_MARGIN_SECONDS, and a claim that has
+        # used up half that margin before its request starts is given back instead.
         remaining = self.config.lease_seconds - (time.monotonic() - claimed_at)
         if self._stopping.is_set():
             self._unsent.append(claim)  # released by `_drain`
-        elif remaining <= self.config.http_timeout_seconds:
+        elif remaining <= self.config.http_timeout_seconds + LEASE_MARGIN_SECONDS / 2 or (
+            not probe and not self._gates_closed()
+        ):
+            # Too little lease left, or the circuit opened since the claim: not now.
             with contextlib.suppress(StoreError):
                 await self.store.release([claim])
         else:

@@ -31,7 +31,7 @@ from app.models import attempt, booking, delivery, outbox
 from app.models import worker as worker_table
 from app.runtime import build_store, build_worker
 from app.settings import Settings
-from app.store import Store
+from app.store import Store, StoreError
 from app.worker import Worker, WorkerFailed
 from tests.conftest import eventually, free_port
 
@@ -998,6 +998,28 @@ async def test_a_loop_that_dies_of_a_bug_stops_the_worker_and_loses_nothing(
 
     await eventually(sent_again_and_recorded, timeout=settings.relay_lease_seconds + 5)
     assert [r["body"] for r in await relay.requests("bk-bug")] == [payload, payload]
+
+
+async def test_a_worker_stopped_during_a_database_outage_stops_cleanly(relay: Relay) -> None:
+    """SIGTERM while the database is unreachable is a normal stop (exit 0, SPEC 3.11), not a
+    loop failure: the loops' retries end with the outage's last error."""
+    settings = relay.settings()
+    store = build_store(settings, relay.engine)
+
+    async def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise StoreError("database unreachable: connection refused")
+
+    store.ingest = unreachable  # type: ignore[method-assign]
+    store.claim_due = unreachable  # type: ignore[method-assign]
+    worker = build_worker(settings, store)
+    task = asyncio.create_task(worker.run())
+    await asyncio.sleep(0.5)  # the loops are retrying
+    worker.stop()
+    try:
+        await asyncio.wait_for(task, timeout=settings.relay_shutdown_grace + 5)
+    finally:
+        await worker.publisher.aclose()
+    assert worker.failure is None
 
 
 # -- 3.12 retention -----------------------------------------------------------------------------

@@ -865,31 +865,21 @@ class Store(AdminQueries):
             for key, ids in groups.items()
             if len(ids) == 1
         ]
-        cleared = {
+        settled = {
+            "status": bindparam("c_status"),
+            "next_attempt_at": bindparam("c_next_attempt_at"),
+            "delivered_at": bindparam("c_delivered_at"),
+            "last_status_code": bindparam("c_status_code"),
+            "last_error": bindparam("c_error"),
             "attempt_count": delivery.c.attempt_count + 1,
             "lease_owner": None,
             "lease_token": None,
             "lease_expires_at": None,
-            "updated_at": now,
+            "updated_at": bindparam("now"),
         }
         grouped = self._statement(
             "settle_alike",
-            lambda: (
-                update(delivery)
-                .where(self._in_param(delivery.c.id, "ids"))
-                .values(
-                    status=bindparam("c_status"),
-                    next_attempt_at=bindparam("c_next_attempt_at"),
-                    delivered_at=bindparam("c_delivered_at"),
-                    last_status_code=bindparam("c_status_code"),
-                    last_error=bindparam("c_error"),
-                    attempt_count=delivery.c.attempt_count + 1,
-                    lease_owner=None,
-                    lease_token=None,
-                    lease_expires_at=None,
-                    updated_at=bindparam("now"),
-                )
-            ),
+            lambda: update(delivery).where(self._in_param(delivery.c.id, "ids")).values(**settled),
         )
         for key, ids in groups.items():
             if len(ids) > 1:
@@ -897,19 +887,13 @@ class Store(AdminQueries):
                     grouped, {"ids": ids, "now": now, **dict(zip(_CHANGE_FIELDS, key, strict=True))}
                 )
         if one_by_one:
-            await conn.execute(
-                update(delivery)
-                .where(delivery.c.id == bindparam("c_id"))
-                .values(
-                    status=bindparam("c_status"),
-                    next_attempt_at=bindparam("c_next_attempt_at"),
-                    delivered_at=bindparam("c_delivered_at"),
-                    last_status_code=bindparam("c_status_code"),
-                    last_error=bindparam("c_error"),
-                    **cleared,
+            each = self._statement(
+                "settle_each",
+                lambda: (
+                    update(delivery).where(delivery.c.id == bindparam("c_id")).values(**settled)
                 ),
-                one_by_one,
             )
+            await conn.execute(each, [dict(change, now=now) for change in one_by_one])
 
     def _settle(
         self, result: AttemptResult, now: datetime, newer_waiting: bool

@@ -4,7 +4,7 @@
                                     [--cycles stale,analyzed] [--no-generic]
                                     [--json PATH] [--markdown PATH]
 
-On a fresh database `mozrest_plans_<pid>` (dropped at the end, whatever happens) the script loads
+On a fresh database `mozrest_bench_plans_<pid>` (dropped at the end, whatever happens) it loads
 `--old-rows` old processed rows into every relay table (`bench.scenarios.load_old_rows`, default
 1,000,000: a minute or two) and runs VACUUM ANALYZE. Then, per cycle, it commits a batch of
 `--fresh` outbox rows (new seated bookings, `--changed-old` of them new states of old bookings)
@@ -49,7 +49,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import random
 import re
 import sys
@@ -82,6 +81,7 @@ from bench.common import (
     machine_summary,
     migrate,
     pg_connect,
+    pg_database,
     pg_url,
     seated_payload,
 )
@@ -134,28 +134,6 @@ VARIANTS = (
 
 
 # -- the database ------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def plans_database() -> AsyncIterator[str]:
-    """A fresh database `mozrest_plans_<pid>`, always dropped at the end; yields its name."""
-    name = f"mozrest_plans_{os.getpid()}"
-    admin = await pg_connect()
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    log(f"created database {name}")
-    try:
-        yield name
-    finally:
-        admin = await pg_connect()
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-        log(f"dropped database {name}")
 
 
 async def database_exists(name: str) -> bool:
@@ -926,7 +904,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     name = ""
     try:
-        async with plans_database() as name:
+        async with pg_database("plans") as name:
             url = pg_url(name)
             await migrate(url, workdir=workdir.path)
             conn = await pg_connect(name)

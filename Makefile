@@ -49,7 +49,7 @@ migrate: $(STAMP) ## upgrade DATABASE_URL to the newest schema
 	$(BIN)/mozrest-relay migrate
 
 .PHONY: bench
-bench: $(STAMP) ## the benchmark suite, about 15 minutes: prints a table, writes bench/results/latest.json
+bench: $(STAMP) ## the benchmark suite, about 7 minutes: prints a table, writes bench/results/latest.json
 	@$(BIN)/python -c 'import pgqueuer, uvloop' 2>/dev/null || $(BIN)/pip install --quiet -c requirements.lock -e '.[bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

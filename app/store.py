@@ -214,23 +214,21 @@ class Store(AdminQueries):
         row = (await conn.execute(statement, {"name": name})).first()
         return row is not None
 
-    def _in_param(self, column: Any, name: str) -> ColumnElement[bool]:
-        """`_in` for a prebuilt statement: the list is the bound parameter `name`."""
-        if self.dialect != "postgresql":
-            return column.in_(bindparam(name, expanding=True))
-        item = BigInteger() if isinstance(column.type, BigInteger) else String()
-        return column == any_(bindparam(name, type_=ARRAY(item)))
-
     def _in(self, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
         """`column IN (values)`; on PostgreSQL `column = ANY(:array)`, one parameter however
         many values, so one cached statement (and one server-side prepared statement) serves
         every batch size, and binding costs the driver one array rather than a placeholder each.
         """
-        values = list(values)
+        return self._in_param(column, None, list(values))
+
+    def _in_param(
+        self, column: Any, name: str | None, values: list[Any] | None = None
+    ) -> ColumnElement[bool]:
+        """`_in` for a prebuilt statement: the list is the bound parameter `name`."""
         if self.dialect != "postgresql":
-            return column.in_(values)
+            return column.in_(bindparam(name, values, expanding=True))
         item = BigInteger() if isinstance(column.type, BigInteger) else String()
-        return column == any_(bindparam(None, values, type_=ARRAY(item)))
+        return column == any_(bindparam(name, values, type_=ARRAY(item)))
 
     async def _lock_bookings(
         self,

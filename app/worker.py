@@ -110,9 +110,9 @@ class Worker:
         self._slots_freed = asyncio.Event()
         self._results: asyncio.Queue[AttemptResult | None] = asyncio.Queue()
         self._result_arrived = asyncio.Event()
-        # A claim is held only while its request is on the wire: a state still waiting for a
-        # connection stays in the database, where a newer state can supersede it.
-        self._held_limit = config.concurrency
+        # Claims in flight, at most `concurrency`: a claim is held only while its request is on
+        # the wire, so a state still waiting for a connection stays in the database, where a
+        # newer state can supersede it.
         self._in_flight: dict[asyncio.Task[None], Claim] = {}
         self._reserved = 0
         # Whether deliveries are known to be due beyond what the last claim took: only then does
@@ -360,7 +360,7 @@ class Worker:
                 self._slots_freed.set()
 
     def _claim_slots(self) -> int:
-        return max(0, self._held_limit - len(self._in_flight) - self._reserved)
+        return max(0, self.config.concurrency - len(self._in_flight) - self._reserved)
 
     def _free_slots(self) -> tuple[int, bool]:
         """How many claims dispatch may make now, and whether they are a probe."""

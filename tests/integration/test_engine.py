@@ -1,7 +1,7 @@
 """The delivery engine end to end: SPEC section 3, one test per invariant.
 
 Each test runs a real database (SQLite and PostgreSQL), a real Mozrest emulator served by uvicorn
-on loopback in a thread of its own, the real `HttpPublisher` and a `Worker` as an asyncio task with
+on loopback in a thread of its own, the real publisher and a `Worker` as an asyncio task with
 fast settings. Rows go into `mozrest_outbox` the way the RMS writes them; assertions are on what a
 user sees: what the emulator received and stored, and the relay's rows.
 """

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import os
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
@@ -119,18 +121,45 @@ def _clock_now_mysql(element: clock_now, compiler: Any, **kw: Any) -> str:
     return "UTC_TIMESTAMP(6)"
 
 
-def create_engine(database_url: str, *, pool_size: int = 5, echo: bool = False) -> AsyncEngine:
-    """Create the async engine, with the per-dialect settings the relay's queries rely on."""
+#: The default of `create_engine`'s `lock_limit_seconds`: RELAY_LEASE_SECONDS's default.
+DEFAULT_LOCK_LIMIT_SECONDS = 30.0
+
+
+def application_name() -> str:
+    """How this process's sessions are named on the server (`pg_stat_activity`,
+    `SHOW PROCESSLIST`): an operator can tell which replica holds what, and the fault suite
+    finds a replica's sessions to freeze it inside one."""
+    return f"mozrest-relay/{os.getpid()}"
+
+
+def create_engine(
+    database_url: str,
+    *,
+    pool_size: int = 5,
+    echo: bool = False,
+    lock_limit_seconds: float = DEFAULT_LOCK_LIMIT_SECONDS,
+) -> AsyncEngine:
+    """Create the async engine, with the per-dialect settings the relay's queries rely on.
+
+    `lock_limit_seconds` (RELAY_LEASE_SECONDS) bounds how long a session waits for a lock and how
+    long a transaction may sit idle: a replica frozen inside a transaction (SIGSTOP, a VM pause)
+    has its session ended by the server after that long, which releases its locks, so it stalls
+    the others for at most a lease.
+    """
+    limit_ms = max(1, math.ceil(lock_limit_seconds * 1000))
     if database_url.startswith("sqlite"):
+        # SQLite cannot end another process's transaction: a frozen writer holds the file's
+        # write lock until it thaws. The busy timeout bounds each wait; docs/reliability.md says
+        # why SQLite is for one process.
         engine = create_async_engine(
             database_url,
             echo=echo,
-            connect_args={"timeout": 30},
+            connect_args={"timeout": limit_ms / 1000},
             # Each connection is a file handle; pooling them gains little and NullPool keeps
             # a process from holding the write lock between transactions.
             poolclass=NullPool if ":memory:" not in database_url else None,
         )
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, busy_timeout_ms=limit_ms)
         return engine
     # No pre-ping: it costs a round trip per transaction. A dropped connection fails one
     # statement, SQLAlchemy then recycles the whole pool, and the store's caller retries.
@@ -149,7 +178,10 @@ def create_engine(database_url: str, *, pool_size: int = 5, echo: bool = False) 
         # Statements are generated per batch size, so the prepared-statement cache stays small.
         kwargs["connect_args"] = {
             "server_settings": {
-                "application_name": "mozrest-relay",
+                "application_name": application_name(),
+                # A frozen replica's locks last at most a lease (see the docstring).
+                "lock_timeout": str(limit_ms),
+                "idle_in_transaction_session_timeout": str(limit_ms),
                 # Every relay query is a key lookup or an ordered index scan with a LIMIT. On a
                 # queue table whose statistics lag (a fresh drain, a burst, autovacuum behind),
                 # the planner picks a bitmap scan plus a sort and reads every due row instead of
@@ -160,10 +192,33 @@ def create_engine(database_url: str, *, pool_size: int = 5, echo: bool = False) 
             },
             "command_timeout": 60,
         }
-    return create_async_engine(database_url, **kwargs)
+    engine = create_async_engine(database_url, **kwargs)
+    if database_url.startswith("mysql"):
+        _configure_mysql(engine, limit_seconds=max(1, math.ceil(lock_limit_seconds)))
+    return engine
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
+def _configure_mysql(engine: AsyncEngine, *, limit_seconds: int) -> None:
+    """MariaDB: the same bounds as PostgreSQL's, in whole seconds (`idle_transaction_timeout`
+    ends a transaction left idle). MySQL has no such setting: there only the lock waits are
+    bounded (docs/reliability.md)."""
+    statements = [
+        f"SET SESSION innodb_lock_wait_timeout = {limit_seconds}",
+        f"SET SESSION lock_wait_timeout = {limit_seconds}",
+    ]
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        for statement in statements:
+            cursor.execute(statement)
+        cursor.execute("SELECT VERSION()")
+        if "mariadb" in str(cursor.fetchone()[0]).lower():
+            cursor.execute(f"SET SESSION idle_transaction_timeout = {limit_seconds}")
+        cursor.close()
+
+
+def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_ms: int) -> None:
     """One writer at a time: every transaction begins IMMEDIATE, readers use WAL."""
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -172,7 +227,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 

@@ -45,7 +45,9 @@ def freeze_startup_objects() -> None:
 def build_engine(settings: Settings) -> AsyncEngine:
     # Ingest, claim, record and heartbeat each hold at most one connection at a time; the rest
     # is headroom for the admin API.
-    return create_engine(settings.database_url, pool_size=5)
+    return create_engine(
+        settings.database_url, pool_size=5, lock_limit_seconds=settings.relay_lease_seconds
+    )
 
 
 def build_store(settings: Settings, engine: AsyncEngine) -> Store:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from typing import Any
+
+from app.text import shown
 
 State = dict[str, Any]
 
@@ -81,6 +84,18 @@ def _string(value: object, field: str, *, non_empty: bool, max_length: int | Non
     return value
 
 
+def _identifier(value: object, field: str) -> str:
+    """An id Mozrest keys on: compared exactly on every backend (SPEC 9.6), so nothing a
+    collation could pad, fold or trim. MariaDB's PAD SPACE collations found `"B1 "` under
+    `"B1"`'s row."""
+    text = _string(value, field, non_empty=True, max_length=MAX_ID_LENGTH)
+    if text != text.strip():
+        raise ContractError(field, "must not have leading or trailing whitespace")
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        raise ContractError(field, "must not contain control characters")
+    return text
+
+
 def _integer(value: object, field: str, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ContractError(field, f"must be an integer, got {_kind(value)}")
@@ -113,9 +128,10 @@ def _absent(data: dict[str, Any], key: str, field: str, *, strict: bool) -> bool
 def _reject_unknown(data: dict[str, Any], known: tuple[str, ...], prefix: str) -> None:
     for key in data:
         if key not in known:
-            # Name the key (it is what the RMS developer must fix) but never at length.
-            shown = key if len(key) <= 40 else f"{key[:40]}..."
-            raise ContractError(f"{prefix}{shown}", "is not a field of the Mozrest webhook payload")
+            # Name the key (it is what the RMS developer must fix), escaped and never at length.
+            raise ContractError(
+                f"{prefix}{shown(key)}", "is not a field of the Mozrest webhook payload"
+            )
 
 
 def _contact(value: object, *, strict: bool) -> dict[str, str] | None:
@@ -169,12 +185,8 @@ def parse_state(data: object, *, strict: bool = False) -> State:
         return data[key]
 
     state: State = {
-        "bookingId": _string(
-            required("bookingId"), "bookingId", non_empty=True, max_length=MAX_ID_LENGTH
-        ),
-        "venueId": _string(
-            required("venueId"), "venueId", non_empty=True, max_length=MAX_ID_LENGTH
-        ),
+        "bookingId": _identifier(required("bookingId"), "bookingId"),
+        "venueId": _identifier(required("venueId"), "venueId"),
         "partySize": _integer(required("partySize"), "partySize", minimum=1),
         "status": _string(required("status"), "status", non_empty=True),
     }
@@ -201,7 +213,7 @@ def parse_state(data: object, *, strict: bool = False) -> State:
 
 
 def parse_row(
-    payload_text: str | None,
+    payload_text: str | bytes | None,
     *,
     booking_id: str,
     venue_id: str,
@@ -211,6 +223,11 @@ def parse_row(
     """Parse an outbox row's payload column and check it against the row's own columns."""
     if payload_text is None:
         raise ContractError("payload", "is null")
+    if isinstance(payload_text, bytes):  # SQLite keeps whatever bytes were written
+        try:
+            payload_text = payload_text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ContractError("payload", "is not valid UTF-8 text") from None
     # The limit is on what Mozrest receives (checked below, after normalising); stored text can
     # be several times larger (spaces, `\u` escapes), so this only bounds the parsing work.
     if len(payload_text) > STORED_TEXT_FACTOR * max_payload_bytes:

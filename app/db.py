@@ -218,6 +218,10 @@ def _configure_mysql(engine: AsyncEngine, *, limit_seconds: int) -> None:
         cursor.close()
 
 
+def _decode_text(value: bytes) -> str:
+    return value.decode("utf-8", "replace")
+
+
 def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_ms: int) -> None:
     """One writer at a time: every transaction begins IMMEDIATE, readers use WAL."""
 
@@ -225,6 +229,11 @@ def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_ms: int) -> None:
     def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
         # Let SQLAlchemy, not the driver, decide when a transaction begins.
         dbapi_connection.isolation_level = None
+        # SQLite stores whatever bytes an RMS wrote into a TEXT column; the driver's default
+        # refuses to read a row whose text is not UTF-8, which would fail every query that
+        # touches it. Such text reads with U+FFFD instead; ingest reads payloads as bytes and
+        # makes their rows invalid (`Store._ingest_batch`).
+        dbapi_connection.driver_connection.text_factory = _decode_text
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
@@ -247,17 +256,59 @@ class StoreError(Exception):
     """The database could not be used right now (unreachable, restarting, timed out)."""
 
 
+#: SQLSTATE classes that say the database cannot serve now, whatever was asked: a lost
+#: connection (08), a rolled-back transaction (40: deadlock, serialisation), no resources (53),
+#: an operator's intervention (57: shutdown, a cancelled statement), a system error (58).
+_OUTAGE_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+#: And single SQLSTATEs: lock_not_available (55P03, `lock_timeout`), and
+#: idle_in_transaction_session_timeout (25P03).
+_OUTAGE_SQLSTATES = frozenset({"55P03", "25P03"})
+#: MySQL/MariaDB error numbers of the same kind: lock wait timeout, deadlock, the connection
+#: gone or killed (including by `idle_transaction_timeout`), too many connections, read-only.
+_OUTAGE_MYSQL_ERRORS = frozenset(
+    {1040, 1053, 1205, 1213, 1290, 1317, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether `exc` means the database cannot serve right now (retry the same work later), as
+    opposed to a fault of what was asked: a row or a value it refused, which retrying can never
+    mend (SPEC 9.1). The one place that draws this line; `translate_errors` applies it."""
+    if isinstance(exc, sa_exc.TimeoutError | OSError | ConnectionError | TimeoutError):
+        return True
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if isinstance(sqlstate, str) and len(sqlstate) == 5:
+        return sqlstate[:2] in _OUTAGE_SQLSTATE_CLASSES or sqlstate in _OUTAGE_SQLSTATES
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):
+        return args[0] in _OUTAGE_MYSQL_ERRORS
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+        # SQLite: "database is locked", "disk I/O error", a vanished file: the database. But a
+        # value it cannot decode is the row's fault.
+        return "decode" not in str(orig).lower()
+    return False
+
+
 def translate_errors(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Turn driver and connection failures into `StoreError` at the store's boundary."""
+    """Turn database outages into `StoreError` at the store's boundary (`is_outage`). Anything
+    else (a constraint, a value the database refuses, a bug) passes through as it is: retrying
+    the same work would fail the same way."""
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await method(*args, **kwargs)
-        except (sa_exc.ProgrammingError, sa_exc.IntegrityError, sa_exc.DataError):
-            raise  # a bug or a schema problem: retrying will not help
-        except (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError, ConnectionError) as exc:
-            raise StoreError(f"{type(exc).__name__}: {_first_line(exc)}") from exc
+        except StoreError:
+            raise
+        except Exception as exc:
+            if is_outage(exc):
+                raise StoreError(f"{type(exc).__name__}: {_first_line(exc)}") from exc
+            raise
 
     return wrapper
 

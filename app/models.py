@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Index,
     Integer,
     String,
     Table,
     Text,
+    false,
     text,
 )
 
@@ -59,8 +61,12 @@ booking = Table(
     Column("venue_id", String(64), nullable=False),
     # Highest outbox id ingested for this booking: an older row arriving later is superseded.
     Column("last_outbox_id", BigInteger, nullable=False),
-    # Highest outbox id whose state left for Mozrest; set means "sent once" (SPEC 3.6).
+    # Highest outbox id whose state left for Mozrest; set means "sent once" (SPEC 3.6). A claim
+    # sets it; a claim given back unsent restores what it was (`Store.release`).
     Column("sent_outbox_id", BigInteger, nullable=True),
+    # Whether a state of this booking had a status in RELAY_SEND_STATUSES: from then on its
+    # newest state is sent, unless it is the first and cancelled (SPEC 3.6).
+    Column("reached_send_status", Boolean, nullable=False, server_default=false()),
     # The snapshot: the state Mozrest last accepted.
     Column("accepted_payload", JsonDocument, nullable=True),
     Column("accepted_outbox_id", BigInteger, nullable=True),
@@ -113,6 +119,8 @@ delivery = Table(
     Index("ix_mozrest_delivery_booking_id", "booking_id", "id"),
     Index("ix_mozrest_delivery_status", "status", "id"),
     Index("ix_mozrest_delivery_venue_id", "venue_id", "id"),
+    # The admin lists filtered by venue and status together (`?venue_id=&status=dead`).
+    Index("ix_mozrest_delivery_venue_id_status", "venue_id", "status", "id"),
     sqlite_autoincrement=True,
     **MYSQL_TABLE_OPTIONS,
 )

@@ -5,18 +5,38 @@ Everything here is pure: no I/O, no clock but the one passed in. The store and t
 
 from __future__ import annotations
 
+import calendar
 import enum
 import random
+import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_tz
 
 from app.contract import State, changed_fields, delivery_warnings, states_equal
+from app.text import shown
 
 #: Answers that mean "try again later" (SPEC 3.9); 5xx are retryable too.
 RETRYABLE_STATUS_CODES = frozenset({408, 425, 429})
 #: The answer that means our credentials are wrong, not the booking.
 CREDENTIALS_REJECTED_STATUS = 401
+#: Statuses an RMS commonly writes. A held state whose status is none of these (nor in
+#: RELAY_SEND_STATUSES) says so in its row's `error`: "Seated" or a typo is held for good.
+KNOWN_STATUSES = (
+    "requested",
+    "pending",
+    "confirmed",
+    "booked",
+    "arrived",
+    "seated",
+    "finished",
+    "completed",
+    "cancelled",
+    "no_show",
+)
+#: A booking never sent is never first sent in one of these (SPEC 3.6): Mozrest has no order
+#: to cancel.
+NEVER_FIRST_STATUSES = frozenset({"cancelled"})
 
 
 class Outcome(enum.StrEnum):
@@ -41,6 +61,8 @@ class BookingView:
     """A queued state not yet sent (pending or retrying, not in flight), if any."""
     sent_once: bool = False
     """Whether any state of this booking has left for Mozrest."""
+    reached_send_status: bool = False
+    """Whether an earlier state of this booking had a status in RELAY_SEND_STATUSES."""
     accepted_uncertain: bool = False
     """A newer state left without an answer and may have landed: `accepted` may be stale."""
 
@@ -53,6 +75,14 @@ class Decision:
     supersede_queued: bool = False
     changed_fields: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    note: str | None = None
+    """For the outbox row's `error`: why a held state may stay held (an unknown status)."""
+
+
+def may_send_first(status: str, *, reached_send_status: bool) -> bool:
+    """Whether a booking never sent may be sent now, in a state of `status` (SPEC 3.6): once it
+    has reached a send status (this state or an earlier one), unless it is cancelled."""
+    return reached_send_status and status not in NEVER_FIRST_STATUSES
 
 
 def decide(new: State, booking: BookingView, send_statuses: frozenset[str]) -> Decision:
@@ -69,14 +99,32 @@ def decide(new: State, booking: BookingView, send_statuses: frozenset[str]) -> D
     supersede = booking.queued is not None
     if base is not None and states_equal(new, base):
         return Decision(Outcome.UNCHANGED, supersede_queued=supersede)
-    if not booking.sent_once and booking.in_flight is None and new["status"] not in send_statuses:
-        return Decision(Outcome.HELD, supersede_queued=supersede)
+    reached = booking.reached_send_status or new["status"] in send_statuses
+    if (
+        not booking.sent_once
+        and booking.in_flight is None
+        and not may_send_first(new["status"], reached_send_status=reached)
+    ):
+        return Decision(
+            Outcome.HELD, supersede_queued=supersede, note=_unknown_status(new, send_statuses)
+        )
     shown = base if base is not None else booking.accepted  # what the operator compares with
     return Decision(
         Outcome.QUEUED,
         supersede_queued=supersede,
         changed_fields=changed_fields(shown, new),
         warnings=delivery_warnings(shown, new),
+    )
+
+
+def _unknown_status(state: State, send_statuses: frozenset[str]) -> str | None:
+    status = state["status"]
+    if status in send_statuses or status in KNOWN_STATUSES:
+        return None
+    expected = ", ".join(sorted({*KNOWN_STATUSES, *send_statuses}))
+    return (
+        f"status: {shown(status)!r} is not a status the relay knows ({expected}); held until "
+        f"a state with a status in RELAY_SEND_STATUSES arrives"
     )
 
 
@@ -103,12 +151,27 @@ def classify(status_code: int | None) -> Verdict:
 
 
 @dataclass(frozen=True, slots=True)
+class Settlement:
+    """Where one recorded attempt leaves its delivery."""
+
+    status: str
+    next_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+    lag_seconds: float | None = None
+    error: str | None = None
+    """Why, when the policy itself says more than the answer (a Retry-After past the deadline)."""
+
+
+@dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter, capped, honouring `Retry-After`."""
+    """Exponential backoff with full jitter, capped, honouring `Retry-After`, bounded by
+    `max_age_seconds` from the delivery's creation (or its operator's last requeue)."""
 
     base_delay_seconds: float = 1.0
     max_delay_seconds: float = 300.0
     max_age_seconds: float = 12 * 3600.0
+    credentials_cooldown_seconds: float = 10.0
+    """After a 401: when the delivery is due again (our credentials, not the booking)."""
 
     def delay_seconds(
         self,
@@ -118,29 +181,112 @@ class RetryPolicy:
         rng: random.Random | None = None,
     ) -> float:
         """Seconds to wait before attempt `attempt + 1`, after `attempt` failed ones (>= 1)."""
-        ceiling = min(self.max_delay_seconds, self.base_delay_seconds * 2 ** max(attempt - 1, 0))
+        exponent = min(max(attempt - 1, 0), 62)  # 2**63 s is past any cap; no float overflow
+        ceiling = min(self.max_delay_seconds, self.base_delay_seconds * 2**exponent)
         # Full jitter spreads a fleet's retries; the floor of half keeps the schedule readable.
         delay = (rng or random).uniform(ceiling / 2, ceiling)
         if retry_after_seconds is not None:
             delay = max(delay, retry_after_seconds)
         return delay
 
+    def settle(
+        self,
+        verdict: Verdict,
+        *,
+        now: datetime,
+        attempt_count: int,
+        retry_window_started_at: datetime,
+        lease_expires_at: datetime,
+        outbox_created_at: datetime | None,
+        answered: bool,
+        written: bool,
+        retry_after_seconds: float | None,
+        newer_waiting: bool,
+    ) -> Settlement:
+        """Where an attempt leaves a delivery this process still holds (SPEC 3.9, 9.2).
 
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds from a `Retry-After` header (delta-seconds or an HTTP date), or None."""
+        `attempt_count` counts the attempts before this one. A newer state waiting makes a
+        failed attempt `superseded`: only the newest state needs to land.
+        """
+        if verdict is Verdict.DELIVERED:
+            lag = (now - outbox_created_at).total_seconds() if outbox_created_at else None
+            return Settlement("delivered", delivered_at=now, lag_seconds=lag)
+        if verdict is Verdict.DEAD:
+            return Settlement("dead")
+        if newer_waiting:
+            return Settlement("superseded")
+        if verdict is Verdict.CREDENTIALS_REJECTED:
+            # Our credentials, not the booking: wait for them, never dead-letter for it.
+            due = now + timedelta(seconds=self.credentials_cooldown_seconds)
+            return Settlement("retrying", next_attempt_at=due)
+        deadline = retry_window_started_at + timedelta(seconds=self.max_age_seconds)
+        remaining = (deadline - now).total_seconds()
+        if remaining <= 0:
+            return Settlement("dead")
+        if retry_after_seconds is not None and retry_after_seconds >= remaining:
+            return Settlement(
+                "dead",
+                error=(
+                    f"Retry-After asks for {retry_after_seconds:.0f}s, past the delivery's "
+                    f"deadline (RELAY_RETRY_MAX_AGE) {remaining:.0f}s away"
+                ),
+            )
+        delay = self.delay_seconds(attempt_count + 1, retry_after_seconds=retry_after_seconds)
+        # Without a Retry-After, one last try at the deadline; with one, it is within it.
+        next_at = now + timedelta(seconds=min(delay, remaining))
+        if not answered and written:
+            # Unanswered: the request may still land until its lease ends; never overlap it.
+            next_at = max(next_at, lease_expires_at)
+        return Settlement("retrying", next_attempt_at=next_at)
+
+
+#: A `Retry-After` is read as at most this: any deadline is far shorter, and arithmetic on the
+#: value stays finite however many digits Mozrest sends.
+MAX_RETRY_AFTER_SECONDS = 10 * 365 * 86400.0
+_YEAR_10000 = 253402300800.0
+_DELTA_SECONDS = re.compile(r"[0-9]+")  # ASCII digits only: "²" passes str.isdigit()
+
+
+def parse_retry_after(value: str | None, *, now: datetime | float | None = None) -> float | None:
+    """Seconds from a `Retry-After` header, or None when it is neither delta-seconds (ASCII
+    digits) nor an HTTP-date (RFC 9110's three formats, any zone spelling). `now` (a datetime,
+    or Unix seconds) is the server's clock (its `Date` header) when known. Never raises; never
+    more than `MAX_RETRY_AFTER_SECONDS`."""
     if not value:
         return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    value = value.strip(" \t")
+    if _DELTA_SECONDS.fullmatch(value):
+        if len(value) > 12:  # beyond any deadline; int() would refuse 4,300 digits
+            return MAX_RETRY_AFTER_SECONDS
+        return min(float(int(value)), MAX_RETRY_AFTER_SECONDS)
+    when = parse_http_date(value)
+    if when is None:
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    reference = now or datetime.now(UTC)
-    return max(0.0, (when - reference).total_seconds())
+    if now is None:
+        now = datetime.now(UTC)
+    reference = now.timestamp() if isinstance(now, datetime) else now
+    return min(max(0.0, when - reference), MAX_RETRY_AFTER_SECONDS)
+
+
+def parse_http_date(value: str | None) -> float | None:
+    """An HTTP-date as Unix seconds, or None. IMF-fixdate, RFC 850 and asctime are all read, with
+    any zone spelling (`GMT`, `UTC`, `+0000`, `-0000`, none: UTC; an offset: applied); the
+    arithmetic is on integers, so no year overflows."""
+    try:
+        parts = parsedate_tz(value) if value else None
+    except (TypeError, ValueError, IndexError):  # parsedate_tz is lenient, but not total
+        return None
+    if parts is None:
+        return None
+    offset = parts[9] or 0
+    if abs(offset) > 86400:
+        return None
+    if parts[0] > 9999:
+        return _YEAR_10000  # later than any deadline, and out of the calendar's range
+    try:
+        return float(calendar.timegm(parts[:6]) - offset)
+    except (ValueError, OverflowError):  # no such month, or a year before 1
+        return None
 
 
 class BreakerState(enum.StrEnum):

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, Literal, Protocol
 from urllib.parse import quote
 
 import aiohttp
 import httpx
 import yarl
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import BytesPayload
 
 from app import __version__
-from app.policy import parse_retry_after
+from app.clock import lease_clock
+from app.policy import parse_http_date, parse_retry_after
+from app.text import shown, storable
 
 #: Keep this many bytes of an answer's body: attempts store at most 4 KiB (SPEC section 6).
 ANSWER_BODY_LIMIT = 4096
@@ -34,14 +38,21 @@ class WebhookAnswer:
     body: str | None = None
     error: str | None = None
     retry_after_seconds: float | None = None
-    may_have_landed: bool = True
-    """False only when the request surely never reached Mozrest (the connection failed)."""
+    written: bool = True
+    """Whether the state was written to the wire, even in part: only then was it sent."""
+    lease_expired: bool = False
+    """Nothing was written because the deadline had passed first (a frozen process)."""
 
 
 class Publisher(Protocol):
     """Sends one booking state to Mozrest's webhook."""
 
-    async def publish(self, body: bytes) -> WebhookAnswer: ...
+    async def publish(self, body: bytes, *, deadline: float | None = None) -> WebhookAnswer:
+        """POST `body` and read the answer, all before `deadline` (a `lease_clock()` time, before
+        the claim's lease ends; by default the publisher's timeout from now). The deadline is
+        checked again at the moment the body is written: past it nothing is written and the
+        answer says `lease_expired` (SPEC 9.3)."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -85,24 +96,42 @@ class _BasePublisher:
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
 
-    def _timed_out(self, start: float, started_at: datetime) -> WebhookAnswer:
+    def _deadline(self, deadline: float | None) -> float:
+        return lease_clock() + self.timeout_seconds if deadline is None else deadline
+
+    def _timed_out(self, start: float, started_at: datetime, *, written: bool) -> WebhookAnswer:
         return WebhookAnswer(
             status_code=None,
             duration_ms=_elapsed_ms(start),
             started_at=started_at,
-            error=f"timeout: no answer within {self.timeout_seconds:g}s",
+            error=f"timeout: no answer within {time.perf_counter() - start:.3g}s"
+            + ("" if written else " (nothing was sent)"),
+            written=written,
+        )
+
+    @staticmethod
+    def _unsent(start: float, started_at: datetime) -> WebhookAnswer:
+        return WebhookAnswer(
+            status_code=None,
+            duration_ms=_elapsed_ms(start),
+            started_at=started_at,
+            error="not sent: the claim's lease ran out before the request could be written",
+            written=False,
+            lease_expired=True,
         )
 
     @staticmethod
     def _failed(
-        exc: Exception, start: float, started_at: datetime, *, may_have_landed: bool
+        exc: Exception, start: float, started_at: datetime, *, written: bool
     ) -> WebhookAnswer:
         return WebhookAnswer(
             status_code=None,
             duration_ms=_elapsed_ms(start),
             started_at=started_at,
-            error=f"{type(exc).__name__}: {str(exc)[:300] or 'connection failed'}",
-            may_have_landed=may_have_landed,
+            error=storable(
+                f"{type(exc).__name__}: {str(exc)[:300] or 'connection failed'}", limit_bytes=400
+            ),
+            written=written,
         )
 
     @staticmethod
@@ -113,16 +142,15 @@ class _BasePublisher:
         start: float,
         started_at: datetime,
     ) -> WebhookAnswer:
-        retry_after = parse_retry_after(
-            headers.get("Retry-After"), now=_server_time(headers.get("Date"))
-        )
+        """Mozrest's answer as recorded: whatever its headers and body hold, this never raises
+        (an answered request, even a 200, must not turn into an error of ours)."""
         return WebhookAnswer(
             status_code=status,
             duration_ms=_elapsed_ms(start),
             started_at=started_at,
-            body=content[:ANSWER_BODY_LIMIT].decode("utf-8", "replace"),
+            body=storable(content[:ANSWER_BODY_LIMIT], limit_bytes=ANSWER_BODY_LIMIT),
             error=None if 200 <= status < 300 else f"HTTP {status}",
-            retry_after_seconds=retry_after,
+            retry_after_seconds=_retry_after(headers),
         )
 
 
@@ -156,25 +184,29 @@ class AiohttpPublisher(_BasePublisher):
             )
         return self._session
 
-    async def publish(self, body: bytes) -> WebhookAnswer:
+    async def publish(self, body: bytes, *, deadline: float | None = None) -> WebhookAnswer:
+        deadline = self._deadline(deadline)
         session = self._open()
         started_at = datetime.now(UTC)
         start = time.perf_counter()
+        payload = _GuardedPayload(body, deadline=deadline)
         try:
             # One deadline for connect, send, wait and read: the lease must outlive all of it.
-            async with asyncio.timeout(self.timeout_seconds):
-                async with session.post(self._url, data=body, allow_redirects=False) as response:
+            async with asyncio.timeout(_loop_deadline(deadline)):
+                async with session.post(self._url, data=payload, allow_redirects=False) as response:
                     content = await _read_at_most(response.content, ANSWER_BODY_LIMIT)
                     return self._answered(
                         response.status, response.headers, content, start, started_at
                     )
         except TimeoutError:
-            return self._timed_out(start, started_at)
-        except aiohttp.ClientConnectorError as exc:
+            if payload.refused:
+                return self._unsent(start, started_at)
+            return self._timed_out(start, started_at, written=payload.written)
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            if payload.refused:
+                return self._unsent(start, started_at)
             # No connection, no request: nothing of it can land later.
-            return self._failed(exc, start, started_at, may_have_landed=False)
-        except (aiohttp.ClientError, OSError) as exc:
-            return self._failed(exc, start, started_at, may_have_landed=True)
+            return self._failed(exc, start, started_at, written=payload.written)
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -199,26 +231,112 @@ class HttpxPublisher(_BasePublisher):
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self._transport = httpx.AsyncHTTPTransport(limits=limits)
 
-    async def publish(self, body: bytes) -> WebhookAnswer:
+    async def publish(self, body: bytes, *, deadline: float | None = None) -> WebhookAnswer:
+        deadline = self._deadline(deadline)
         started_at = datetime.now(UTC)
         start = time.perf_counter()
         request = httpx.Request("POST", self._url, headers=self._headers, content=body)
+        # The same body and headers (Host, Content-Length), read through the deadline check.
+        request.stream = stream = _GuardedStream(body, deadline=deadline)
         try:
-            async with asyncio.timeout(self.timeout_seconds):
+            async with asyncio.timeout(_loop_deadline(deadline)):
                 response = await self._transport.handle_async_request(request)
                 try:
-                    content = await response.aread()
+                    content = await _aread_at_most(response, ANSWER_BODY_LIMIT)
                 finally:
                     await response.aclose()
         except TimeoutError:
-            return self._timed_out(start, started_at)
-        except httpx.HTTPError as exc:
-            connect_failed = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
-            return self._failed(exc, start, started_at, may_have_landed=not connect_failed)
+            if stream.refused:
+                return self._unsent(start, started_at)
+            return self._timed_out(start, started_at, written=stream.written)
+        except (httpx.HTTPError, _LeaseExpired, ValueError) as exc:
+            if stream.refused:
+                return self._unsent(start, started_at)
+            return self._failed(exc, start, started_at, written=stream.written)
         return self._answered(response.status_code, response.headers, content, start, started_at)
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+
+class _LeaseExpired(Exception):
+    """The claim's deadline passed before its body was written: it must not be written."""
+
+
+class _GuardedPayload(BytesPayload):
+    """The webhook body for aiohttp, checking the claim's deadline at the moment it is written.
+
+    aiohttp holds the headers back to send them with the body, and writes both without yielding
+    to the event loop in between, so this check sits immediately before the state reaches the
+    wire: a process frozen after its lease check and thawed past its deadline writes nothing.
+    (An aiohttp that sends the headers first leaves Mozrest a request without a body: not a
+    state.)
+    """
+
+    def __init__(self, body: bytes, *, deadline: float) -> None:
+        super().__init__(body, content_type="application/json")
+        self.deadline = deadline
+        self.refused = False
+        self.written = False
+
+    def _check(self) -> None:
+        if lease_clock() >= self.deadline:
+            self.refused = True
+            raise _LeaseExpired("the claim's lease ran out before the request was written")
+        self.written = True
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        self._check()
+        await super().write(writer)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        self._check()
+        await super().write_with_length(writer, content_length)
+
+
+class _GuardedStream(httpx.AsyncByteStream):
+    """`_GuardedPayload` for httpx: checked when httpcore asks for the body, after the headers."""
+
+    def __init__(self, body: bytes, *, deadline: float) -> None:
+        self.body = body
+        self.deadline = deadline
+        self.refused = False
+        self.written = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if lease_clock() >= self.deadline:
+            self.refused = True
+            raise _LeaseExpired("the claim's lease ran out before the request was written")
+        self.written = True
+        yield self.body
+
+
+def _loop_deadline(deadline: float) -> float:
+    """A `lease_clock()` time on the event loop's clock, for `asyncio.timeout`."""
+    return asyncio.get_running_loop().time() + (deadline - lease_clock())
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Mozrest's `Retry-After`, read against its own `Date` when that parses (SPEC 9.2)."""
+    try:
+        return parse_retry_after(
+            headers.get("Retry-After"), now=parse_http_date(headers.get("Date"))
+        )
+    except Exception:
+        return None
+
+
+async def _aread_at_most(response: httpx.Response, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(chunks)[:limit]
 
 
 async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
@@ -238,6 +356,52 @@ class PartnerApiError(Exception):
     """Mozrest's Partner API failed; the message says how, without secrets."""
 
 
+#: A venue's POS tables answer larger than this is refused (a few thousand tables fit).
+POS_TABLES_BODY_LIMIT = 1024 * 1024
+
+
+def parse_pos_tables(content: bytes, *, venue_id: str) -> dict[str, Any]:
+    """Mozrest's POS tables answer checked against its documented shape (`venueId` a string,
+    `tables` an array of `{id: string, name: string, area: string | null}`); anything else is a
+    `PartnerApiError` naming what is wrong, never a crash further on (SPEC 9.7)."""
+
+    def wrong(what: str) -> PartnerApiError:
+        return PartnerApiError(
+            f"Mozrest's POS tables answer does not match its documentation: {what}"
+        )
+
+    try:
+        data = json.loads(content)
+    except (ValueError, RecursionError):
+        raise wrong("not JSON") from None
+    if not isinstance(data, dict):
+        raise wrong("not a JSON object")
+    tables = data.get("tables")
+    if not isinstance(tables, list):
+        raise wrong("`tables` is not an array")
+    answered_venue = data.get("venueId", venue_id)
+    if not isinstance(answered_venue, str):
+        raise wrong("`venueId` is not a string")
+    checked = []
+    for index, table in enumerate(tables):
+        if not isinstance(table, dict):
+            raise wrong(f"tables[{index}] is not an object")
+        for key in ("id", "name"):
+            if not isinstance(table.get(key), str):
+                raise wrong(f"tables[{index}].{key} is not a string")
+        area = table.get("area")
+        if area is not None and not isinstance(area, str):
+            raise wrong(f"tables[{index}].area is neither a string nor null")
+        checked.append(
+            {
+                "id": storable(table["id"]),
+                "name": storable(table["name"]),
+                "area": storable(area),
+            }
+        )
+    return {"venueId": storable(answered_venue), "tables": checked, "count": len(checked)}
+
+
 class PartnerApi:
     """Reads from Mozrest's Partner API (Bearer API key)."""
 
@@ -254,7 +418,8 @@ class PartnerApi:
         path = f"/venues/{quote(venue_id, safe='')}/pos-tables"
         try:
             async with asyncio.timeout(self.timeout_seconds):
-                response = await self._client.get(path)
+                async with self._client.stream("GET", path) as response:
+                    content = await _aread_at_most(response, POS_TABLES_BODY_LIMIT + 1)
         except TimeoutError:
             raise PartnerApiError(
                 f"Mozrest did not answer within {self.timeout_seconds:g}s"
@@ -266,24 +431,14 @@ class PartnerApi:
                 f"Mozrest refused the API key (HTTP {response.status_code}): check MOZREST_API_KEY"
             )
         if response.status_code == 404:
-            raise PartnerApiError(f"Mozrest does not know venue {venue_id!r} (HTTP 404)")
+            raise PartnerApiError(f"Mozrest does not know venue {shown(venue_id)!r} (HTTP 404)")
         if not response.is_success:
             raise PartnerApiError(f"Mozrest answered HTTP {response.status_code}")
-        try:
-            data = response.json()
-            tables = [
-                {"id": str(t["id"]), "name": str(t["name"]), "area": t.get("area")}
-                for t in data["tables"]
-            ]
-        except (ValueError, KeyError, TypeError):
+        if len(content) > POS_TABLES_BODY_LIMIT:
             raise PartnerApiError(
-                "Mozrest's answer is not the documented POS tables shape"
-            ) from None
-        return {
-            "venueId": str(data.get("venueId", venue_id)),
-            "tables": tables,
-            "count": len(tables),
-        }
+                f"Mozrest's answer is larger than {POS_TABLES_BODY_LIMIT // 1024} KiB"
+            )
+        return parse_pos_tables(content, venue_id=venue_id)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -291,11 +446,3 @@ class PartnerApi:
 
 def _elapsed_ms(start: float) -> int:
     return int((time.perf_counter() - start) * 1000)
-
-
-def _server_time(date: str | None) -> datetime | None:
-    """The server's own clock (its `Date` header), to read an HTTP-date `Retry-After` against."""
-    try:
-        return parsedate_to_datetime(date or "")
-    except (TypeError, ValueError):
-        return None

@@ -14,6 +14,8 @@ Concurrency rests on three rules (docs/adr/0002-claims-and-leases.md):
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
@@ -27,6 +29,7 @@ from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Integer,
+    LargeBinary,
     String,
     Text,
     any_,
@@ -44,7 +47,8 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.contract import ContractError, State, parse_row
-from app.db import READ_ONLY, StoreError, clock_now, translate_errors
+from app.db import READ_ONLY, StoreError, clock_now, is_outage, translate_errors
+from app.logs import get_logger, log_event
 from app.models import (
     ACTIVE_PREDICATE,
     ACTIVE_STATUSES,
@@ -55,8 +59,9 @@ from app.models import (
     outbox,
     worker,
 )
-from app.policy import BookingView, Outcome, RetryPolicy, Verdict, decide
+from app.policy import BookingView, Outcome, RetryPolicy, Verdict, decide, may_send_first
 from app.store_admin import AdminQueries
+from app.text import storable
 
 #: `status IN ('pending', 'retrying')` as literal SQL, the very predicate of the partial index
 #: `ix_mozrest_delivery_due`: with bound parameters a prepared statement's generic plan could not
@@ -66,6 +71,8 @@ _ACTIVE = text(ACTIVE_PREDICATE)
 _CHANGE_FIELDS = ("c_status", "c_next_attempt_at", "c_delivered_at", "c_status_code", "c_error")
 #: Attempts keep at most this much of Mozrest's answer (SPEC section 6).
 RESPONSE_BODY_LIMIT = 4096
+
+log = get_logger("store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +85,22 @@ class IngestReport:
     """New deliveries left for `claim_due`."""
     claims: list[Claim] = field(default_factory=list)
     """New deliveries leased to the ingesting worker (`LeaseRequest`)."""
+
+    def merge(self, other: IngestReport) -> IngestReport:
+        return IngestReport(
+            rows=self.rows + other.rows,
+            outcomes=self.outcomes + other.outcomes,
+            queued=self.queued + other.queued,
+            claims=self.claims + other.claims,
+        )
+
+
+class _RowsFailed(Exception):
+    """The database refused work on these rows, for a reason of theirs (not an outage)."""
+
+    def __init__(self, row_ids: list[int]) -> None:
+        super().__init__(f"{len(row_ids)} rows refused")
+        self.row_ids = row_ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +135,9 @@ class Claim:
     """RELAY_RETRY_MAX_AGE counts from here: creation, or the operator's last requeue."""
     lease_token: str
     lease_expires_at: datetime
+    previous_sent_outbox_id: int | None = None
+    """The booking's "sent once" mark before this claim set it: a claim given back unsent
+    restores it, as if never made (SPEC 9.5)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +152,9 @@ class AttemptResult:
     error: str | None = None
     response_body: str | None = None
     retry_after_seconds: float | None = None
-    may_have_landed: bool = True
-    """For an attempt with no answer: whether the request may still reach Mozrest."""
+    written: bool = True
+    """Whether the state reached the wire: unanswered, it may still land; unwritten (no
+    connection), it was never sent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +169,8 @@ class Settled:
     lag_seconds: float | None = None
     newer_waiting: bool = False
     """A newer state of the booking is queued behind this one (and may go now)."""
+    error: str | None = None
+    """The delivery's `last_error` as recorded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,8 +199,9 @@ class Store(AdminQueries):
         self.send_statuses = send_statuses
         self.send_items = send_items
         self.max_payload_bytes = max_payload_bytes
-        self.retry_policy = retry_policy or RetryPolicy()
-        self.credentials_cooldown_seconds = credentials_cooldown_seconds
+        self.retry_policy = dataclasses.replace(
+            retry_policy or RetryPolicy(), credentials_cooldown_seconds=credentials_cooldown_seconds
+        )
         self._reader = engine.execution_options(**{READ_ONLY: True})
         self._statements: dict[Hashable, Any] = {}
 
@@ -305,7 +335,6 @@ class Store(AdminQueries):
 
     # -- ingest ---------------------------------------------------------------------------
 
-    @translate_errors
     async def ingest(self, *, limit: int, lease: LeaseRequest | None = None) -> IngestReport | None:
         """Give the oldest unprocessed outbox rows their outcome; None if another process is
         ingesting right now.
@@ -314,11 +343,58 @@ class Store(AdminQueries):
         waiting is leased to that worker in the same transaction, as `claim_due` would lease it
         a moment later: the claim's own transaction (and its re-reads of the same bookings) is
         saved for the common case of a state that can go at once.
+
+        A batch the database refuses for a reason of its rows (not an outage: `db.is_outage`)
+        is taken again one row at a time, and the row that fails alone is set aside as
+        `invalid` (SPEC 9.1): one odd row never stalls the rows behind it.
         """
+        try:
+            return await self._ingest_batch(limit=limit, lease=lease)
+        except _RowsFailed as failed:
+            log_event(
+                log,
+                logging.WARNING,
+                "ingest.batch_refused",
+                rows=len(failed.row_ids),
+                error=type(failed.__cause__).__name__,
+            )
+        merged = IngestReport()
+        for _ in range(limit):
+            try:
+                report = await self._ingest_batch(limit=1, lease=None)
+            except _RowsFailed as failed:
+                report = await self._set_aside(failed.row_ids, failed.__cause__)
+            if report is None or not report.rows:
+                break
+            merged = merged.merge(report)
+        return merged
+
+    @translate_errors
+    async def _set_aside(self, row_ids: list[int], cause: BaseException | None) -> IngestReport:
+        """Mark rows the database refused to process `invalid`, naming the refusal (never its
+        text, which can quote the row's values)."""
+        error = (
+            f"payload: the database refused this row ({type(cause).__name__}); it was set "
+            "aside so that the rows after it proceed"
+        )
+        async with self._write() as conn:
+            now = await self._now(conn)
+            result = await conn.execute(
+                update(outbox)
+                .where(self._in(outbox.c.id, row_ids), outbox.c.processed_at.is_(None))
+                .values(processed_at=now, outcome=str(Outcome.INVALID), error=error)
+            )
+        count = result.rowcount or 0
+        log_event(log, logging.WARNING, "outbox.set_aside", outbox_ids=row_ids, error=error)
+        return IngestReport(rows=count, outcomes=Counter({str(Outcome.INVALID): count}))
+
+    @translate_errors
+    async def _ingest_batch(self, *, limit: int, lease: LeaseRequest | None) -> IngestReport | None:
+        """`ingest` of one batch in one transaction; `_RowsFailed` when the database refused it
+        for a reason that is not an outage."""
         async with self._write() as conn:
             if not await self._take_lock(conn, "ingest"):
                 return None
-            leasing = lease is not None and lease.limit > 0
             statement = self._statement(
                 "unprocessed",
                 lambda: (
@@ -326,7 +402,12 @@ class Store(AdminQueries):
                         outbox.c.id,
                         outbox.c.booking_id,
                         outbox.c.venue_id,
-                        cast(outbox.c.payload, Text).label("payload_text"),
+                        # SQLite hands back whatever bytes an RMS wrote: read them as bytes,
+                        # so text that is not UTF-8 makes its row invalid, not the batch fail.
+                        cast(
+                            outbox.c.payload,
+                            LargeBinary if self.dialect == "sqlite" else Text,
+                        ).label("payload_text"),
                         outbox.c.created_at,
                         clock_now().label("now"),  # the clock, without a round trip of its own
                     )
@@ -338,168 +419,193 @@ class Store(AdminQueries):
             rows = (await conn.execute(statement, {"limit": limit})).all()
             if not rows:
                 return IngestReport()
-            now = max(row.now for row in rows)
-            outcomes: dict[int, tuple[Outcome, str | None]] = {}
-            newest: dict[str, tuple[Any, State]] = {}
-            for row in rows:
-                try:
-                    state = parse_row(
-                        row.payload_text,
-                        booking_id=row.booking_id,
-                        venue_id=row.venue_id,
-                        send_items=self.send_items,
-                        max_payload_bytes=self.max_payload_bytes,
-                    )
-                except ContractError as exc:
-                    outcomes[row.id] = (Outcome.INVALID, str(exc))
-                    continue
-                previous = newest.get(row.booking_id)
-                if previous is not None:
-                    outcomes[previous[0].id] = (Outcome.SUPERSEDED, None)
-                newest[row.booking_id] = (row, state)
+            try:
+                return await self._decide_rows(conn, rows, limit=limit, lease=lease)
+            except Exception as exc:
+                if is_outage(exc):
+                    raise
+                raise _RowsFailed([row.id for row in rows]) from exc
 
-            bookings = await self._lock_bookings(conn, newest, with_snapshot=True)
-            # A booking with no row yet has no deliveries (both are created together, and a
-            # booking row is pruned only when it has none active): skip the read for a batch of
-            # new bookings.
-            active = await self._active_deliveries(conn, bookings)
-            # A full batch may have left newer rows of these bookings unread: those bookings
-            # wait for the next batch to decide, as `claim_due` makes them wait.
-            undecided: set[str] = set()
-            if leasing and len(rows) >= limit:
-                last = rows[-1].id
-                undecided = await self._unread_after(conn, dict.fromkeys(newest, last))
-            new_bookings: list[dict[str, Any]] = []
-            touched_bookings: list[dict[str, Any]] = []
-            new_deliveries: list[dict[str, Any]] = []
-            superseded: list[Any] = []
-            leasable: list[tuple[dict[str, Any], dict[str, Any]]] = []
-            expires = now + timedelta(seconds=lease.seconds) if lease is not None else now
-            token = uuid.uuid4().hex
-            for booking_id in sorted(newest):
-                row, state = newest[booking_id]
-                known = bookings.get(booking_id)
-                if known is not None and row.id <= known.last_outbox_id:
-                    outcomes[row.id] = (Outcome.SUPERSEDED, None)
-                    continue
-                in_flight = [d for d in active[booking_id] if _leased(d, now)]
-                queued = [d for d in active[booking_id] if not _leased(d, now)]
-                # Only the newest queued state matters; older ones (left by a crash) go now.
-                superseded.extend(queued[:-1])
-                view = BookingView(
-                    accepted=known.accepted_payload if known is not None else None,
-                    in_flight=in_flight[-1].payload if in_flight else None,
-                    queued=queued[-1].payload if queued else None,
-                    sent_once=known is not None and known.sent_outbox_id is not None,
-                    accepted_uncertain=known is not None and _unconfirmed(known),
+    async def _decide_rows(
+        self, conn: AsyncConnection, rows: Sequence[Any], *, limit: int, lease: LeaseRequest | None
+    ) -> IngestReport:
+        """Decide a batch of outbox rows, under the ingest lock (`_ingest_batch`)."""
+        leasing = lease is not None and lease.limit > 0
+        now = max(row.now for row in rows)
+        outcomes: dict[int, tuple[Outcome, str | None]] = {}
+        newest: dict[str, tuple[Any, State]] = {}
+        # Bookings whose states in this batch reached a send status before their newest one
+        # (SPEC 3.6: seated, then finished before the seated state left, is sent as finished).
+        reached: set[str] = set()
+        for row in rows:
+            try:
+                state = parse_row(
+                    row.payload_text,
+                    booking_id=row.booking_id,
+                    venue_id=row.venue_id,
+                    send_items=self.send_items,
+                    max_payload_bytes=self.max_payload_bytes,
                 )
-                decision = decide(state, view, self.send_statuses)
-                outcomes[row.id] = (decision.outcome, None)
-                if decision.supersede_queued and queued:
-                    superseded.append(queued[-1])
-                values = {
+            except ContractError as exc:
+                outcomes[row.id] = (Outcome.INVALID, str(exc))
+                continue
+            previous = newest.get(row.booking_id)
+            if previous is not None:
+                outcomes[previous[0].id] = (Outcome.SUPERSEDED, None)
+                if previous[1]["status"] in self.send_statuses:
+                    reached.add(row.booking_id)
+            newest[row.booking_id] = (row, state)
+
+        bookings = await self._lock_bookings(conn, newest, with_snapshot=True)
+        # A booking with no row yet has no deliveries (both are created together, and a
+        # booking row is pruned only when it has none active): skip the read for a batch of
+        # new bookings.
+        active = await self._active_deliveries(conn, bookings)
+        # A full batch may have left newer rows of these bookings unread: those bookings
+        # wait for the next batch to decide, as `claim_due` makes them wait.
+        undecided: set[str] = set()
+        if leasing and len(rows) >= limit:
+            last = rows[-1].id
+            undecided = await self._unread_after(conn, dict.fromkeys(newest, last))
+        new_bookings: list[dict[str, Any]] = []
+        touched_bookings: list[dict[str, Any]] = []
+        new_deliveries: list[dict[str, Any]] = []
+        superseded: list[Any] = []
+        leasable: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        expires = now + timedelta(seconds=lease.seconds) if lease is not None else now
+        token = uuid.uuid4().hex
+        for booking_id in sorted(newest):
+            row, state = newest[booking_id]
+            known = bookings.get(booking_id)
+            if known is not None and row.id <= known.last_outbox_id:
+                outcomes[row.id] = (Outcome.SUPERSEDED, None)
+                continue
+            in_flight = [d for d in active[booking_id] if _leased(d, now)]
+            queued = [d for d in active[booking_id] if not _leased(d, now)]
+            # Only the newest queued state matters; older ones (left by a crash) go now.
+            superseded.extend(queued[:-1])
+            view = BookingView(
+                accepted=known.accepted_payload if known is not None else None,
+                in_flight=in_flight[-1].payload if in_flight else None,
+                queued=queued[-1].payload if queued else None,
+                sent_once=known is not None and known.sent_outbox_id is not None,
+                reached_send_status=booking_id in reached
+                or (known is not None and known.reached_send_status),
+                accepted_uncertain=known is not None and _unconfirmed(known),
+            )
+            decision = decide(state, view, self.send_statuses)
+            outcomes[row.id] = (decision.outcome, decision.note)
+            if decision.supersede_queued and queued:
+                superseded.append(queued[-1])
+            values = {
+                "booking_id": booking_id,
+                "venue_id": row.venue_id,
+                "last_outbox_id": row.id,
+                "sent_outbox_id": None,
+                "reached_send_status": view.reached_send_status
+                or state["status"] in self.send_statuses,
+            }
+            if decision.outcome is Outcome.QUEUED:
+                # Behind a request still on the wire, it waits for that one's outcome
+                # (`record` wakes it) or, at worst, for its lease to end.
+                due = max(
+                    now,
+                    in_flight[-1].lease_expires_at if in_flight else now,
+                    _quiet_until(known, now),
+                )
+                delivery_row = {
                     "booking_id": booking_id,
                     "venue_id": row.venue_id,
-                    "last_outbox_id": row.id,
-                    "sent_outbox_id": None,
+                    "outbox_id": row.id,
+                    "payload": state,
+                    "status": "pending",
+                    "attempt_count": 0,
+                    "changed_fields": decision.changed_fields,
+                    "warnings": decision.warnings,
+                    "created_at": now,
+                    "updated_at": now,
+                    "next_attempt_at": due,
+                    "outbox_created_at": row.created_at,
+                    "lease_owner": None,
+                    "lease_token": None,
+                    "lease_expires_at": None,
                 }
-                if decision.outcome is Outcome.QUEUED:
-                    # Behind a request still on the wire, it waits for that one's outcome
-                    # (`record` wakes it) or, at worst, for its lease to end.
-                    due = max(
-                        now,
-                        in_flight[-1].lease_expires_at if in_flight else now,
-                        _quiet_until(known, now),
-                    )
-                    delivery_row = {
-                        "booking_id": booking_id,
-                        "venue_id": row.venue_id,
-                        "outbox_id": row.id,
-                        "payload": state,
-                        "status": "pending",
-                        "attempt_count": 0,
-                        "changed_fields": decision.changed_fields,
-                        "warnings": decision.warnings,
-                        "created_at": now,
-                        "updated_at": now,
-                        "next_attempt_at": due,
-                        "outbox_created_at": row.created_at,
-                        "lease_owner": None,
-                        "lease_token": None,
-                        "lease_expires_at": None,
-                    }
-                    if lease is not None and due <= now and booking_id not in undecided:
-                        # Due now, nothing on the wire: it may be leased here (`claim_due`'s
-                        # rules), if the worker has a slot for it (below).
-                        leasable.append((delivery_row, values))
-                    new_deliveries.append(delivery_row)
-                (touched_bookings if known is not None else new_bookings).append(values)
+                if lease is not None and due <= now and booking_id not in undecided:
+                    # Due now, nothing on the wire: it may be leased here (`claim_due`'s
+                    # rules), if the worker has a slot for it (below).
+                    leasable.append((delivery_row, values))
+                new_deliveries.append(delivery_row)
+            (touched_bookings if known is not None else new_bookings).append(values)
 
-            leased: dict[int, dict[str, Any]] = {}
-            if lease is not None and leasable:
-                leasable.sort(key=lambda pair: pair[0]["outbox_id"])  # oldest states first
-                for delivery_row, values in leasable[: lease.grant(len(leasable))]:
-                    delivery_row.update(
-                        lease_owner=lease.worker_id,
-                        lease_token=token,
-                        lease_expires_at=expires,
-                        next_attempt_at=expires,
-                    )
-                    leased[delivery_row["outbox_id"]] = delivery_row
-                    values["sent_outbox_id"] = delivery_row["outbox_id"]
-            if new_bookings:
-                await conn.execute(
-                    insert(booking),
-                    [dict(b, created_at=now, updated_at=now) for b in new_bookings],
+        leased: dict[int, dict[str, Any]] = {}
+        if lease is not None and leasable:
+            leasable.sort(key=lambda pair: pair[0]["outbox_id"])  # oldest states first
+            for delivery_row, values in leasable[: lease.grant(len(leasable))]:
+                delivery_row.update(
+                    lease_owner=lease.worker_id,
+                    lease_token=token,
+                    lease_expires_at=expires,
+                    next_attempt_at=expires,
                 )
-            if touched_bookings:
-                await conn.execute(
-                    update(booking)
-                    .where(booking.c.booking_id == bindparam("b_booking_id"))
-                    .values(
-                        last_outbox_id=bindparam("b_last_outbox_id"),
-                        sent_outbox_id=func.coalesce(
-                            bindparam("b_sent_outbox_id", type_=BigInteger),
-                            booking.c.sent_outbox_id,
-                        ),
-                        updated_at=now,
-                    ),
-                    [
-                        {
-                            "b_booking_id": b["booking_id"],
-                            "b_last_outbox_id": b["last_outbox_id"],
-                            "b_sent_outbox_id": b["sent_outbox_id"],
-                        }
-                        for b in touched_bookings
-                    ],
-                )
-            await self._supersede(conn, superseded, now)
-            claims: list[Claim] = []
-            if new_deliveries:
-                ids = await self._insert_deliveries(conn, new_deliveries, want=leased)
-                claims = [
-                    Claim(
-                        delivery_id=ids[outbox_id],
-                        booking_id=d["booking_id"],
-                        venue_id=d["venue_id"],
-                        outbox_id=outbox_id,
-                        payload=d["payload"],
-                        attempt_count=0,
-                        created_at=now,
-                        outbox_created_at=d["outbox_created_at"],
-                        retry_window_started_at=now,
-                        lease_token=token,
-                        lease_expires_at=expires,
-                    )
-                    for outbox_id, d in leased.items()
-                ]
-            await self._mark_processed(conn, outcomes, now)
-            return IngestReport(
-                rows=len(rows),
-                outcomes=Counter(str(outcome) for outcome, _ in outcomes.values()),
-                queued=len(new_deliveries) - len(claims),
-                claims=claims,
+                leased[delivery_row["outbox_id"]] = delivery_row
+                values["sent_outbox_id"] = delivery_row["outbox_id"]
+        if new_bookings:
+            await conn.execute(
+                insert(booking),
+                [dict(b, created_at=now, updated_at=now) for b in new_bookings],
             )
+        if touched_bookings:
+            await conn.execute(
+                update(booking)
+                .where(booking.c.booking_id == bindparam("b_booking_id"))
+                .values(
+                    last_outbox_id=bindparam("b_last_outbox_id"),
+                    sent_outbox_id=func.coalesce(
+                        bindparam("b_sent_outbox_id", type_=BigInteger),
+                        booking.c.sent_outbox_id,
+                    ),
+                    reached_send_status=bindparam("b_reached_send_status"),
+                    updated_at=now,
+                ),
+                [
+                    {
+                        "b_booking_id": b["booking_id"],
+                        "b_last_outbox_id": b["last_outbox_id"],
+                        "b_sent_outbox_id": b["sent_outbox_id"],
+                        "b_reached_send_status": b["reached_send_status"],
+                    }
+                    for b in touched_bookings
+                ],
+            )
+        await self._supersede(conn, superseded, now)
+        claims: list[Claim] = []
+        if new_deliveries:
+            sent_before = {b: row.sent_outbox_id for b, row in bookings.items()}
+            ids = await self._insert_deliveries(conn, new_deliveries, want=leased)
+            claims = [
+                Claim(
+                    delivery_id=ids[outbox_id],
+                    booking_id=d["booking_id"],
+                    venue_id=d["venue_id"],
+                    outbox_id=outbox_id,
+                    payload=d["payload"],
+                    attempt_count=0,
+                    created_at=now,
+                    outbox_created_at=d["outbox_created_at"],
+                    retry_window_started_at=now,
+                    lease_token=token,
+                    lease_expires_at=expires,
+                    previous_sent_outbox_id=sent_before.get(d["booking_id"]),
+                )
+                for outbox_id, d in leased.items()
+            ]
+        await self._mark_processed(conn, outcomes, now)
+        return IngestReport(
+            rows=len(rows),
+            outcomes=Counter(str(outcome) for outcome, _ in outcomes.values()),
+            queued=len(new_deliveries) - len(claims),
+            claims=claims,
+        )
 
     async def _insert_deliveries(
         self, conn: AsyncConnection, rows: list[dict[str, Any]], *, want: Iterable[int]
@@ -565,6 +671,53 @@ class Store(AdminQueries):
                 update(outbox).where(self._in(outbox.c.id, never_sent)).values(outcome="superseded")
             )
 
+    async def _hold(self, conn: AsyncConnection, deliveries: list[Any], now: datetime) -> None:
+        """Take back deliveries that may not be the first sent after all (`claim_due`): their
+        rows are `held`, as ingest would have decided had no claim been pending."""
+        if not deliveries:
+            return
+        await conn.execute(
+            update(delivery)
+            .where(self._in(delivery.c.id, [d.id for d in deliveries]))
+            .values(
+                status="superseded",
+                updated_at=now,
+                next_attempt_at=None,
+                last_error=(
+                    "held: the booking was never sent, and a booking's first state is never "
+                    "a cancellation"
+                ),
+            )
+        )
+        await conn.execute(
+            update(outbox)
+            .where(self._in(outbox.c.id, [d.outbox_id for d in deliveries]))
+            .values(outcome=str(Outcome.HELD))
+        )
+
+    async def _forget_sent(self, conn: AsyncConnection, claims: Sequence[Claim]) -> None:
+        """Undo what these claims' leasing marked "sent once", for claims whose state never
+        reached the wire (SPEC 9.5). The caller holds the bookings' locks and has checked that
+        each claim's lease is still its own."""
+        if not claims:
+            return
+        await conn.execute(
+            update(booking)
+            .where(
+                booking.c.booking_id == bindparam("f_booking_id"),
+                booking.c.sent_outbox_id == bindparam("f_outbox_id"),
+            )
+            .values(sent_outbox_id=bindparam("f_previous")),
+            [
+                {
+                    "f_booking_id": c.booking_id,
+                    "f_outbox_id": c.outbox_id,
+                    "f_previous": c.previous_sent_outbox_id,
+                }
+                for c in claims
+            ],
+        )
+
     async def _mark_processed(
         self, conn: AsyncConnection, outcomes: dict[int, tuple[Outcome, str | None]], now: datetime
     ) -> None:
@@ -574,7 +727,10 @@ class Store(AdminQueries):
             if error is None:
                 by_outcome[outcome].append(row_id)
             else:
-                errors.append({"o_id": row_id, "o_outcome": str(outcome), "o_error": error})
+                # The error can quote a key of the row: stored only as storable text.
+                errors.append(
+                    {"o_id": row_id, "o_outcome": str(outcome), "o_error": storable(error)}
+                )
         statement = self._statement(
             "processed",
             lambda: (
@@ -640,6 +796,7 @@ class Store(AdminQueries):
             token = uuid.uuid4().hex
             chosen: list[Any] = []
             stale: list[Any] = []
+            held: list[Any] = []
             # Oldest due first, as the candidates came.
             for booking_id in dict.fromkeys(candidates):
                 if booking_id not in bookings or len(chosen) >= limit:
@@ -657,8 +814,17 @@ class Store(AdminQueries):
                     continue
                 if newest.next_attempt_at is None or newest.next_attempt_at > now:
                     continue
+                if sent is None and not may_send_first(
+                    newest.payload["status"],
+                    reached_send_status=bookings[booking_id].reached_send_status,
+                ):
+                    # Queued behind a claim that was given back unsent: as if that claim had
+                    # never been made, this state would have been held (SPEC 9.5).
+                    held.append(newest)
+                    continue
                 chosen.append(newest)
             await self._supersede(conn, stale, now)
+            await self._hold(conn, held, now)
             if chosen and take is not None:
                 chosen = chosen[: max(0, take(len(chosen)))]
             if not chosen:
@@ -697,15 +863,79 @@ class Store(AdminQueries):
                     retry_window_started_at=row.requeued_at or row.created_at,
                     lease_token=token,
                     lease_expires_at=expires,
+                    previous_sent_outbox_id=bookings[row.booking_id].sent_outbox_id,
                 )
                 for row in chosen
             ]
 
-    @translate_errors
     async def record(self, results: Sequence[AttemptResult], *, worker_id: str) -> list[Settled]:
-        """Store attempts and move their deliveries on: delivered, retrying, dead, superseded."""
+        """Store attempts and move their deliveries on: delivered, retrying, dead, superseded.
+
+        A batch the database refuses for a reason of its answers (not an outage) is recorded
+        one answer at a time, and an answer refused alone is recorded without its text
+        (SPEC 9.1): one odd answer never keeps the others unrecorded.
+        """
+        try:
+            return await self._record_batch(results, worker_id=worker_id)
+        except _RowsFailed as failed:
+            if len(results) == 1:
+                return await self._record_bare(results[0], failed, worker_id=worker_id)
+            log_event(
+                log,
+                logging.WARNING,
+                "record.batch_refused",
+                attempts=len(results),
+                error=type(failed.__cause__).__name__,
+            )
+        settled: list[Settled] = []
+        for result in results:
+            try:
+                settled += await self._record_batch([result], worker_id=worker_id)
+            except _RowsFailed as failed:
+                settled += await self._record_bare(result, failed, worker_id=worker_id)
+        return settled
+
+    async def _record_bare(
+        self, result: AttemptResult, failed: _RowsFailed, *, worker_id: str
+    ) -> list[Settled]:
+        """Record an attempt the database refused, without Mozrest's text; if even that is
+        refused, the fault is not the answer's and the error goes up."""
+        cause = type(failed.__cause__).__name__
+        log_event(
+            log,
+            logging.WARNING,
+            "record.answer_set_aside",
+            delivery_id=result.claim.delivery_id,
+            error=cause,
+        )
+        bare = dataclasses.replace(
+            result,
+            response_body=None,
+            error=f"{result.error or 'answer'} (its text could not be stored: {cause})",
+        )
+        try:
+            return await self._record_batch([bare], worker_id=worker_id)
+        except _RowsFailed as again:
+            raise again.__cause__ or again from None
+
+    @translate_errors
+    async def _record_batch(
+        self, results: Sequence[AttemptResult], *, worker_id: str
+    ) -> list[Settled]:
+        """`record` of one batch in one transaction; `_RowsFailed` when the database refused it
+        for a reason that is not an outage."""
         if not results:
             return []
+        try:
+            return await self._record_transaction(results, worker_id=worker_id)
+        except Exception as exc:
+            if is_outage(exc):
+                raise
+            raise _RowsFailed([r.claim.delivery_id for r in results]) from exc
+
+    async def _record_transaction(
+        self, results: Sequence[AttemptResult], *, worker_id: str
+    ) -> list[Settled]:
         async with self._write() as conn:
             now = await self._now(conn)
             bookings = await self._lock_bookings(conn, (r.claim.booking_id for r in results))
@@ -721,8 +951,8 @@ class Store(AdminQueries):
                         "started_at": r.started_at,
                         "duration_ms": r.duration_ms,
                         "status_code": r.status_code,
-                        "error": r.error,
-                        "response_body": _cut(r.response_body),
+                        "error": storable(r.error, limit_bytes=RESPONSE_BODY_LIMIT),
+                        "response_body": storable(r.response_body, limit_bytes=RESPONSE_BODY_LIMIT),
                     }
                     for r in results
                 ],
@@ -731,13 +961,14 @@ class Store(AdminQueries):
             # The newest accepted state per booking: its delivery row holds the payload.
             snapshots: dict[str, Claim] = {}
             settled: list[Settled] = []
+            unwritten: list[Claim] = []
             finished_bookings: set[str] = set()
             unanswered: dict[str, tuple[int, datetime]] = {}
             for result in results:
                 claim = result.claim
                 row = current.get(claim.delivery_id)
                 owned = row is not None and row.lease_token == claim.lease_token
-                if result.status_code is None and result.may_have_landed:
+                if result.status_code is None and result.written:
                     # No answer: the request may still land, up to the end of its lease.
                     outbox_id, until = unanswered.get(
                         claim.booking_id, (claim.outbox_id, claim.lease_expires_at)
@@ -753,28 +984,51 @@ class Store(AdminQueries):
                 if not owned:
                     settled.append(Settled(claim.delivery_id, claim.booking_id, None))
                     continue
-                if result.status_code is not None or not result.may_have_landed:
+                if result.status_code is not None or not result.written:
                     finished_bookings.add(claim.booking_id)
                 newer_waiting = any(
                     d.outbox_id > claim.outbox_id for d in active.get(claim.booking_id, [])
                 )
-                status, next_at, delivered_at, lag = self._settle(result, now, newer_waiting)
+                if not result.written:
+                    unwritten.append(claim)
+                settlement = self.retry_policy.settle(
+                    result.verdict,
+                    now=now,
+                    attempt_count=claim.attempt_count,
+                    retry_window_started_at=claim.retry_window_started_at,
+                    lease_expires_at=claim.lease_expires_at,
+                    outbox_created_at=claim.outbox_created_at,
+                    answered=result.status_code is not None,
+                    written=result.written,
+                    retry_after_seconds=result.retry_after_seconds,
+                    newer_waiting=newer_waiting,
+                )
                 changes.append(
                     {
                         "c_id": claim.delivery_id,
-                        "c_status": status,
-                        "c_next_attempt_at": next_at,
-                        "c_delivered_at": delivered_at,
+                        "c_status": settlement.status,
+                        "c_next_attempt_at": settlement.next_attempt_at,
+                        "c_delivered_at": settlement.delivered_at,
                         "c_status_code": result.status_code,
-                        "c_error": result.error,
+                        "c_error": storable(
+                            settlement.error or result.error, limit_bytes=RESPONSE_BODY_LIMIT
+                        ),
                     }
                 )
                 settled.append(
                     Settled(
-                        claim.delivery_id, claim.booking_id, status, next_at, lag, newer_waiting
+                        claim.delivery_id,
+                        claim.booking_id,
+                        settlement.status,
+                        settlement.next_attempt_at,
+                        settlement.lag_seconds,
+                        newer_waiting,
+                        error=settlement.error or result.error,
                     )
                 )
             await self._apply_changes(conn, changes, now)
+            # A request that never reached the wire (no connection) did not send the state.
+            await self._forget_sent(conn, unwritten)
             if snapshots:
                 # Copied from the delivery rows in the database: no payload is encoded here or
                 # sent back over the wire.
@@ -804,25 +1058,33 @@ class Store(AdminQueries):
                         if booking_id in bookings
                     ],
                 )
-            finished_ids = {r.claim.delivery_id for r in results}
-            waiting = [
-                d.id
-                for booking_id in finished_bookings
-                for d in active.get(booking_id, [])
-                if d.id not in finished_ids
-                and d.status == "pending"
-                and not _leased(d, now)
-                and d.next_attempt_at is not None
-                and d.next_attempt_at > now
-            ]
-            if waiting:
-                # A booking's request finished: the newer state queued behind it may go now.
-                await conn.execute(
-                    update(delivery)
-                    .where(self._in(delivery.c.id, waiting))
-                    .values(next_attempt_at=now)
-                )
+            await self._wake_queued(
+                conn,
+                [active.get(b, []) for b in finished_bookings],
+                done={r.claim.delivery_id for r in results},
+                now=now,
+            )
             return settled
+
+    async def _wake_queued(
+        self, conn: AsyncConnection, bookings: Iterable[list[Any]], *, done: set[int], now: datetime
+    ) -> None:
+        """A booking's request finished (or was given back): the newer state queued behind it,
+        due when that request's lease would have ended, may go now."""
+        waiting = [
+            d.id
+            for deliveries in bookings
+            for d in deliveries
+            if d.id not in done
+            and d.status == "pending"
+            and not _leased(d, now)
+            and d.next_attempt_at is not None
+            and d.next_attempt_at > now
+        ]
+        if waiting:
+            await conn.execute(
+                update(delivery).where(self._in(delivery.c.id, waiting)).values(next_attempt_at=now)
+            )
 
     def _snapshot_statement(self) -> Any:
         """The accepted states become their bookings' snapshots, copied from the delivery rows
@@ -893,53 +1155,22 @@ class Store(AdminQueries):
             )
             await conn.execute(each, [dict(change, now=now) for change in one_by_one])
 
-    def _settle(
-        self, result: AttemptResult, now: datetime, newer_waiting: bool
-    ) -> tuple[str, datetime | None, datetime | None, float | None]:
-        """(status, next_attempt_at, delivered_at, lag seconds) for an owned delivery."""
-        claim = result.claim
-        if result.verdict is Verdict.DELIVERED:
-            lag = (
-                (now - claim.outbox_created_at).total_seconds()
-                if claim.outbox_created_at is not None
-                else None
-            )
-            return "delivered", None, now, lag
-        if result.verdict is Verdict.DEAD:
-            return "dead", None, None, None
-        if newer_waiting:
-            return "superseded", None, None, None  # only the newest state needs to land
-        if result.verdict is Verdict.CREDENTIALS_REJECTED:
-            # Our credentials, not the booking: wait for them, never dead-letter for it.
-            return (
-                "retrying",
-                now + timedelta(seconds=self.credentials_cooldown_seconds),
-                None,
-                None,
-            )
-        deadline = claim.retry_window_started_at + timedelta(
-            seconds=self.retry_policy.max_age_seconds
-        )
-        if now >= deadline:
-            return "dead", None, None, None
-        delay = self.retry_policy.delay_seconds(
-            claim.attempt_count + 1, retry_after_seconds=result.retry_after_seconds
-        )
-        next_at = now + timedelta(seconds=delay)
-        if result.retry_after_seconds is None:
-            next_at = min(next_at, deadline)  # one last try at the deadline
-        if result.status_code is None and result.may_have_landed:
-            # Unanswered: the request may still land until its lease ends; never overlap it.
-            next_at = max(next_at, claim.lease_expires_at)
-        return "retrying", next_at, None, None
-
     @translate_errors
     async def release(self, claims: Sequence[Claim]) -> None:
-        """Give claims back unsent (shutdown, open circuit): no attempt is counted."""
+        """Give claims back unsent (shutdown, open circuit, a lease run out before the write):
+        no attempt is counted, and the booking is as if never claimed (SPEC 9.5). A claim whose
+        lease another process has taken over since is left alone."""
         if not claims:
             return
         async with self._write() as conn:
             now = await self._now(conn)
+            bookings = await self._lock_bookings(conn, (c.booking_id for c in claims))
+            active = await self._active_deliveries(conn, bookings, payloads=False)
+            tokens = {d.id: d.lease_token for rows in active.values() for d in rows}
+            claims = [c for c in claims if tokens.get(c.delivery_id) == c.lease_token]
+            if not claims:
+                return
+            await self._forget_sent(conn, claims)
             await conn.execute(
                 update(delivery)
                 .where(
@@ -954,6 +1185,12 @@ class Store(AdminQueries):
                     updated_at=now,
                 ),
                 [{"r_id": c.delivery_id, "r_token": c.lease_token} for c in claims],
+            )
+            await self._wake_queued(
+                conn,
+                [active.get(c.booking_id, []) for c in claims],
+                done={c.delivery_id for c in claims},
+                now=now,
             )
 
     # -- processes ------------------------------------------------------------------------
@@ -1004,15 +1241,27 @@ class Store(AdminQueries):
             cutoff = now - timedelta(seconds=retention_seconds)
             # Old rows have low ids: look at the oldest few by primary key and keep the ones due,
             # so the cost never grows with the table (a filter on processed_at would scan it).
-            outbox_ids = [
-                row.id
+            due = [
+                row
                 for row in await conn.execute(
-                    select(outbox.c.id, outbox.c.processed_at)
+                    select(outbox.c.id, outbox.c.booking_id, outbox.c.processed_at)
                     .order_by(outbox.c.id)
                     .limit(batch_size)
                 )
                 if row.processed_at is not None and row.processed_at < cutoff
             ]
+            # A row whose delivery is still pending or retrying stays, however old: with
+            # RELAY_RETRY_MAX_AGE longer than RELAY_RETENTION it would otherwise go first.
+            waiting = {
+                d.outbox_id
+                for rows in (
+                    await self._active_deliveries(
+                        conn, (row.booking_id for row in due), payloads=False
+                    )
+                ).values()
+                for d in rows
+            }
+            outbox_ids = [row.id for row in due if row.id not in waiting]
             if outbox_ids:
                 await conn.execute(delete(outbox).where(self._in(outbox.c.id, outbox_ids)))
                 removed["outbox"] = len(outbox_ids)
@@ -1111,15 +1360,6 @@ def _quiet_until(booking_row: Any, now: datetime) -> datetime:
 
 def _leased(row: Any, now: datetime) -> bool:
     return row.lease_expires_at is not None and row.lease_expires_at > now
-
-
-def _cut(body: str | None) -> str | None:
-    if body is None:
-        return None
-    encoded = body.encode("utf-8", "replace")
-    if len(encoded) <= RESPONSE_BODY_LIMIT:
-        return body
-    return encoded[:RESPONSE_BODY_LIMIT].decode("utf-8", "ignore")
 
 
 __all__ = ["AttemptResult", "Claim", "IngestReport", "Settled", "Store", "StoreError", "WorkerInfo"]

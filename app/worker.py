@@ -25,6 +25,7 @@ from typing import TypeVar
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from app import metrics
+from app.clock import lease_clock
 from app.contract import serialize
 from app.logs import get_logger, log_event
 from app.policy import Breaker, Verdict, classify
@@ -262,7 +263,7 @@ class Worker:
                 await asyncio.sleep(linger)
             started = time.monotonic()
             limit, lease = await self._ingest_terms(backlog)
-            claimed_at = time.monotonic()
+            claimed_at = lease_clock()
             with self._slots() as take:
                 if lease is not None:
                     lease = dataclasses.replace(lease, take=take)
@@ -383,7 +384,7 @@ class Worker:
                 continue
             if slots > 0:
                 limit = min(slots, self.config.batch_size)
-                claimed_at = time.monotonic()
+                claimed_at = lease_clock()
                 with self._slots() as take:
                     claims = await self._with_retries(
                         functools.partial(
@@ -457,39 +458,51 @@ class Worker:
                 error=answer.error,
                 response_body=answer.body,
                 retry_after_seconds=answer.retry_after_seconds,
-                may_have_landed=answer.may_have_landed,
+                written=answer.written,
             )
         )
 
     async def _post(self, claim: Claim, claimed_at: float, *, probe: bool) -> WebhookAnswer | None:
         """POST the claim's state, or give the claim back (None) if it should not leave now."""
-        # The lease was granted on the database clock; this process measures from before the
-        # grant. The request must end (its deadline) before the lease does: start-up guarantees
-        # RELAY_LEASE_SECONDS >= RELAY_HTTP_TIMEOUT + LEASE_MARGIN_SECONDS, and a claim that has
-        # used up half that margin before its request starts is given back instead.
-        remaining = self.config.lease_seconds - (time.monotonic() - claimed_at)
+        # The lease was granted on the database clock; this process measures it on
+        # `lease_clock()` (which runs while the process is frozen) from before the grant. The
+        # request must end before the lease does: start-up guarantees RELAY_LEASE_SECONDS >=
+        # RELAY_HTTP_TIMEOUT + LEASE_MARGIN_SECONDS; a claim that has used up half that margin
+        # before its request starts is given back, and the request's own deadline is absolute,
+        # checked again by the publisher the moment the body is written (SPEC 9.3).
+        now = lease_clock()
+        lease_ends = claimed_at + self.config.lease_seconds - LEASE_MARGIN_SECONDS / 2
         if self._stopping.is_set():
             self._unsent.append(claim)  # released by `_drain`
-        elif remaining <= self.config.http_timeout_seconds + LEASE_MARGIN_SECONDS / 2 or (
+        elif lease_ends - now <= self.config.http_timeout_seconds or (
             not probe and not self._gates_closed()
         ):
             # Too little lease left, or the circuit opened since the claim: not now.
             with contextlib.suppress(StoreError):
                 await self.store.release([claim])
         else:
+            deadline = min(now + self.config.http_timeout_seconds, lease_ends)
             self._sending.add(claim.delivery_id)
             try:
-                return await self.publisher.publish(serialize(claim.payload))
+                answer = await self.publisher.publish(serialize(claim.payload), deadline=deadline)
             except Exception as exc:  # a bug must not strand the claim: record a failed try
                 log.exception("delivery.publish_failed", extra={"delivery_id": claim.delivery_id})
-                return WebhookAnswer(
+                answer = WebhookAnswer(
                     status_code=None,
-                    duration_ms=int((time.monotonic() - claimed_at) * 1000),
+                    duration_ms=int((lease_clock() - now) * 1000),
                     started_at=datetime.now(UTC),
                     error=f"internal error: {type(exc).__name__}",
                 )
             finally:
                 self._sending.discard(claim.delivery_id)
+            if not answer.lease_expired:
+                return answer
+            # Frozen past its deadline before the body was written: nothing left, so the claim
+            # goes back as if never made (a successor may hold the booking by now: `release`
+            # only gives back what this lease still holds).
+            log_event(log, logging.WARNING, "delivery.lease_expired_unsent", **_ids(claim))
+            with contextlib.suppress(StoreError):
+                await self.store.release([claim])
         if probe:
             self._end_probe(abandoned=True)
         return None
@@ -589,7 +602,7 @@ class Worker:
                     **fields,
                 )
             elif outcome.status == "dead":
-                log_event(log, logging.WARNING, "delivery.dead", error=result.error, **fields)
+                log_event(log, logging.WARNING, "delivery.dead", error=outcome.error, **fields)
             else:
                 woke = True
                 log_event(log, logging.INFO, f"delivery.{outcome.status}", **fields)
@@ -631,3 +644,7 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=seconds)
         event.clear()
+
+
+def _ids(claim: Claim) -> dict[str, object]:
+    return {"delivery_id": claim.delivery_id, "booking_id": claim.booking_id}

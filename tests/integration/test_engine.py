@@ -1056,6 +1056,7 @@ async def test_retention_prunes_terminal_rows_and_idle_snapshots_but_not_pending
     assert await relay.count(attempt) == 0
     remaining = {row.id: row for row in await relay.outbox_rows()}
     assert done_id not in remaining and dead_id not in remaining
+    assert pending_id in remaining  # its delivery still waits, however old the row
     assert remaining[unprocessed_id].processed_at is None
     async with relay.reader.connect() as conn:
         snapshots = set((await conn.execute(select(booking.c.booking_id))).scalars())

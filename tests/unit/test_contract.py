@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -492,7 +493,9 @@ UNICODE_SAMPLES = [
 def test_unicode_survives_parse_row_and_serialize(text: str, ensure_ascii: bool) -> None:
     """Emoji, right-to-left text and other scripts come out byte-for-byte as they went in."""
     document = with_items()
-    document["bookingId"] = document["venueId"] = "bk-" + text[:20]
+    # Ids keep no control characters nor outer whitespace (SPEC 9.6); other fields keep all.
+    plain = "".join(c for c in text[:20] if unicodedata.category(c) != "Cc").strip()
+    document["bookingId"] = document["venueId"] = "bk-" + plain
     document["status"] = "seated " + text
     document["tables"] = [text, "T-" + text]
     document["notes"] = text
@@ -507,6 +510,54 @@ def test_unicode_survives_parse_row_and_serialize(text: str, ensure_ascii: bool)
     assert serialize(state) == compact(document).encode("utf-8")
     if json.dumps(text, ensure_ascii=False)[1:-1] == text:  # nothing JSON must escape
         assert text.encode("utf-8") in serialize(state)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("", "must be a non-empty string"),
+        ("B" * 65, "at most 64 characters"),
+        ("B1 ", "leading or trailing whitespace"),
+        (" B1", "leading or trailing whitespace"),
+        ("B1\u00a0", "leading or trailing whitespace"),
+        ("B\t1", "control characters"),
+        ("B\u00001", "NUL"),
+        ("B\u007f1", "control characters"),
+    ],
+)
+@pytest.mark.parametrize("field", ["bookingId", "venueId"])
+def test_ids_that_a_collation_could_pad_or_trim_are_invalid(
+    field: str, value: str, reason: str
+) -> None:
+    """An id compared exactly on every backend: empty, over 64 characters, outer whitespace or
+    a control character make the row invalid, naming the field (MariaDB's PAD SPACE collation
+    once matched "B1 " with "B1")."""
+    document = seated()
+    text = compact(document).replace(
+        f'"{field}":"{document[field]}"', f'"{field}":{json.dumps(value)}'
+    )
+    with pytest.raises(ContractError) as caught:
+        parse_row(text, booking_id=BOOKING_ID, venue_id=VENUE_ID)
+    assert caught.value.field == field
+    assert reason in caught.value.reason
+
+
+def test_an_unknown_key_is_named_escaped_so_the_error_can_be_stored() -> None:
+    """A key holding a lone surrogate and a NUL is named in the error with escapes, so the error
+    text is valid UTF-8 without NUL on every backend (it once crash-looped ingest on SQLite)."""
+    text = compact(seated())[:-1] + ',"bad\\ud800\\u0000key":1}'
+    with pytest.raises(ContractError) as caught:
+        parse_row(text, booking_id=BOOKING_ID, venue_id=VENUE_ID)
+    message = str(caught.value)
+    assert message == "bad\\ud800\\x00key: is not a field of the Mozrest webhook payload"
+    message.encode("utf-8")
+
+
+def test_a_payload_that_is_not_utf8_is_invalid() -> None:
+    """Bytes that are not UTF-8 (SQLite keeps whatever an RMS wrote) are invalid, not a crash."""
+    with pytest.raises(ContractError) as caught:
+        parse_row(b"\xff\xfe", booking_id=BOOKING_ID, venue_id=VENUE_ID)
+    assert (caught.value.field, caught.value.reason) == ("payload", "is not valid UTF-8 text")
 
 
 def test_unpaired_surrogate_is_refused_naming_the_field() -> None:
@@ -664,7 +715,10 @@ def test_optional_field_corruption_is_named(key: str, value: Any, field: str) ->
 _CHARS = st.characters(exclude_categories=("Cs",), exclude_characters="\x00")
 _TEXT = st.text(_CHARS, max_size=30)
 _NON_BLANK = st.text(_CHARS, min_size=1, max_size=30).filter(lambda s: s.strip() != "")
-_IDS = st.text(_CHARS, min_size=1, max_size=MAX_ID_LENGTH).filter(lambda s: s.strip() != "")
+#: Ids as SPEC 9.6 allows them: no control characters, no outer whitespace.
+_IDS = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=MAX_ID_LENGTH
+).filter(lambda s: s.strip() == s and s != "")
 _AMOUNTS = st.integers(min_value=0, max_value=10**12) | st.floats(
     min_value=0, max_value=1e12, allow_nan=False, allow_infinity=False
 )

@@ -9,13 +9,17 @@ from email.utils import format_datetime
 import pytest
 
 from app.policy import (
+    MAX_RETRY_AFTER_SECONDS,
     BookingView,
     Breaker,
     Outcome,
     RetryPolicy,
+    Settlement,
     Verdict,
     classify,
     decide,
+    may_send_first,
+    parse_http_date,
     parse_retry_after,
 )
 
@@ -195,3 +199,122 @@ def test_nothing_is_suppressed_against_a_snapshot_an_unanswered_request_may_have
     decision = decide(state(), view, SEND)
     assert decision.outcome is Outcome.QUEUED
     assert decision.changed_fields == []  # it equals the snapshot the operator sees
+
+
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("Mon, 30 Nov 2026 12:01:30 GMT", 90),  # IMF-fixdate
+        ("Monday, 30-Nov-26 12:01:30 GMT", 90),  # RFC 850
+        ("Mon Nov 30 12:01:30 2026", 90),  # asctime
+        ("Mon, 30 Nov 2026 12:01:30 -0000", 90),  # -0000: once a naive datetime, then a crash
+        ("Mon, 30 Nov 2026 12:01:30 +0000", 90),
+        ("Mon, 30 Nov 2026 12:01:30 UTC", 90),
+        ("Mon, 30 Nov 2026 13:01:30 +0100", 90),
+        ("  45 ", 45),
+        ("999999999999", MAX_RETRY_AFTER_SECONDS),
+        ("9" * 400, MAX_RETRY_AFTER_SECONDS),
+        ("9" * 5000, MAX_RETRY_AFTER_SECONDS),  # past int()'s digit limit
+        ("Fri, 31 Dec 99999 23:59:59 GMT", MAX_RETRY_AFTER_SECONDS),
+        ("\u00b2", None),  # str.isdigit() says yes; float() says no
+        ("\u0663", None),  # ARABIC-INDIC DIGIT THREE
+        ("-5", None),
+        ("1.5", None),
+        ("1e9", None),
+        ("Mon, 30 Nov 2026 12:01:30 +9999", None),
+        ("Mon, 30 Foo 2026 12:01:30 GMT", None),
+        ("", None),
+    ],
+)
+def test_retry_after_reads_every_valid_form_and_ignores_the_rest(
+    value: str, seconds: float | None
+) -> None:
+    """Retry-After is delta-seconds in ASCII digits or an HTTP-date in any of RFC 9110's three
+    formats and any zone spelling; anything else is None; nothing raises or overflows."""
+    assert parse_retry_after(value, now=NOW) == seconds
+
+
+def test_retry_after_is_read_against_the_servers_clock_when_given() -> None:
+    """An HTTP-date Retry-After counts from Mozrest's own `Date`, as Unix seconds or datetime."""
+    server_now = parse_http_date("Mon, 30 Nov 2026 12:00:00 GMT")
+    assert parse_retry_after("Mon, 30 Nov 2026 12:00:20 GMT", now=server_now) == 20
+
+
+def _settle(policy: RetryPolicy, verdict: Verdict, **changes: object) -> Settlement:
+    values: dict[str, object] = {
+        "now": NOW,
+        "attempt_count": 0,
+        "retry_window_started_at": NOW - timedelta(hours=1),
+        "lease_expires_at": NOW + timedelta(seconds=30),
+        "outbox_created_at": NOW - timedelta(seconds=2),
+        "answered": True,
+        "written": True,
+        "retry_after_seconds": None,
+        "newer_waiting": False,
+        **changes,
+    }
+    return policy.settle(verdict, **values)  # type: ignore[arg-type]
+
+
+def test_a_retry_after_past_the_deadline_is_dead_at_once_naming_it() -> None:
+    """A Retry-After that would put the next attempt past creation + RELAY_RETRY_MAX_AGE ends
+    the delivery dead now, saying so, rather than retrying it in the year 5195."""
+    policy = RetryPolicy(max_age_seconds=2 * 3600)
+    settled = _settle(policy, Verdict.RETRY, retry_after_seconds=MAX_RETRY_AFTER_SECONDS)
+    assert settled.status == "dead"
+    assert settled.error is not None and "Retry-After" in settled.error
+    within = _settle(policy, Verdict.RETRY, retry_after_seconds=600)
+    assert within.status == "retrying"
+    assert within.next_attempt_at == NOW + timedelta(seconds=600)
+
+
+def test_without_retry_after_the_last_try_falls_on_the_deadline() -> None:
+    """Backoff never schedules past the deadline: one last try at it, then dead."""
+    policy = RetryPolicy(base_delay_seconds=1000, max_delay_seconds=1000, max_age_seconds=3700)
+    settled = _settle(policy, Verdict.RETRY)
+    assert settled.next_attempt_at == NOW + timedelta(seconds=100)
+    assert _settle(policy, Verdict.RETRY, now=NOW + timedelta(seconds=100)).status == "dead"
+
+
+def test_backoff_of_a_huge_attempt_count_does_not_overflow() -> None:
+    """Thousands of attempts (a long credentials outage) still give a capped delay."""
+    policy = RetryPolicy(base_delay_seconds=1, max_delay_seconds=30)
+    assert 15 <= policy.delay_seconds(5000) <= 30
+
+
+def test_an_unwritten_request_does_not_wait_for_its_lease() -> None:
+    """No connection, no request: the retry is not pushed to the lease's end, as it is for a
+    request that may still land."""
+    policy = RetryPolicy(base_delay_seconds=1, max_delay_seconds=1)
+    unanswered = _settle(policy, Verdict.RETRY, answered=False, written=True)
+    unwritten = _settle(policy, Verdict.RETRY, answered=False, written=False)
+    assert unanswered.next_attempt_at == NOW + timedelta(seconds=30)
+    assert unwritten.next_attempt_at is not None
+    assert unwritten.next_attempt_at <= NOW + timedelta(seconds=1)
+
+
+def test_a_booking_that_reached_a_send_status_is_sent_in_its_newest_state() -> None:
+    """Amended SPEC 3.6: seated earlier (never sent), finished now: finished is queued."""
+    decision = decide(state(status="finished"), BookingView(reached_send_status=True), SEND)
+    assert decision.outcome is Outcome.QUEUED
+
+
+def test_a_first_state_sent_is_never_a_cancellation() -> None:
+    """Seated earlier but never sent, cancelled now: held, whatever came before."""
+    view = BookingView(reached_send_status=True)
+    assert decide(state(status="cancelled"), view, SEND).outcome is Outcome.HELD
+    assert not may_send_first("cancelled", reached_send_status=True)
+    assert may_send_first("finished", reached_send_status=True)
+    assert not may_send_first("finished", reached_send_status=False)
+
+
+def test_a_held_state_with_an_unknown_status_says_so() -> None:
+    """ "Seated" (capital S) is held with a note listing the known statuses; a known one is
+    held silently."""
+    note = decide(state(status="Seated"), BookingView(), SEND).note
+    assert note is not None and note.startswith("status: 'Seated' is not a status")
+    assert "seated" in note and "cancelled" in note
+    assert decide(state(status="confirmed"), BookingView(), SEND).note is None

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -303,6 +303,68 @@ def _check_final(
             )
         ]
     return []
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    """How long one written state waited: from its commit until Mozrest held it or a newer
+    state of its booking (`seconds` None: it never did)."""
+
+    booking_id: str
+    outbox_id: int
+    committed_ns: int
+    seconds: float | None
+
+
+def delivery_lags(
+    outbox: Sequence[OutboxRow],
+    received: Sequence[ReceivedRequest],
+    committed_ns: Mapping[int, int],
+    *,
+    send_statuses: frozenset[str] = DEFAULT_SEND_STATUSES,
+) -> list[Lag]:
+    """For each row with a commit time (outbox id to monotonic ns, the receiver's clock): how
+    long until Mozrest held its state or a newer one of its booking (held: the last accepted
+    request by finish time). Rows the send policy keeps back are left out: invalid and `held`
+    rows, rows before the booking's first state with a send status, and bookings never sent
+    whose newest row is `held` (SPEC 3.6)."""
+    rows: dict[str, list[tuple[OutboxRow, State | None]]] = defaultdict(list)
+    for row in sorted(outbox, key=lambda r: r.id):
+        state = sendable_state(row)
+        rows[row.booking_id].append((row, None if state is None else canonical(state)))
+    accepted: dict[str, list[tuple[int, State | None]]] = defaultdict(list)
+    for request in sorted(received, key=lambda r: (r.finished_ns, r.seq)):
+        if request.accepted and request.booking_id is not None:
+            wire = _wire_state(request.body)
+            accepted[request.booking_id].append(
+                (request.finished_ns, None if wire is None else canonical(wire))
+            )
+    lags: list[Lag] = []
+    for booking_id, booking_rows in rows.items():
+        answers = accepted.get(booking_id, [])
+        never_sent_and_held = not answers and booking_rows[-1][0].outcome == "held"
+        sendable = False
+        for index, (row, state) in enumerate(booking_rows):
+            if state is not None and state["status"] in send_statuses:
+                sendable = True
+            at = committed_ns.get(row.id)
+            if at is None or state is None or row.outcome in ("held", "invalid"):
+                continue
+            if not sendable or never_sent_and_held:
+                continue
+            targets = [s for _, s in booking_rows[index:] if s is not None]
+            held: State | None = None
+            seconds: float | None = None
+            for finished_ns, wire in answers:
+                if finished_ns <= at:
+                    held = wire
+                elif wire in targets:
+                    seconds = (finished_ns - at) / 1e9
+                    break
+            if held is not None and held in targets:
+                seconds = 0.0
+            lags.append(Lag(booking_id, row.id, at, seconds))
+    return lags
 
 
 def timeline(

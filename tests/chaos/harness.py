@@ -458,6 +458,8 @@ class ChangeWriter:
         self.rate = rate
         self.written = 0
         self.failures = 0
+        #: (booking id, when its write committed, monotonic ns), in commit order per booking.
+        self.commits: list[tuple[str, int]] = []
         self.total = sum(len(h) for h in histories)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -504,8 +506,10 @@ class ChangeWriter:
                         time.sleep(0.2)
                 if self._stop.is_set():
                     return
+                committed_ns = time.monotonic_ns()
                 with self._lock:
                     self.written += 1
+                    self.commits.append((payload["bookingId"], committed_ns))
                 next_at += interval
                 delay = next_at - time.monotonic()
                 if delay > 0:
@@ -537,6 +541,20 @@ class ChangeWriter:
 
 
 # -- checking -----------------------------------------------------------------------------
+
+
+def commit_times(outbox: list[OutboxRow], commits: list[tuple[str, int]]) -> dict[int, int]:
+    """Outbox id to commit time (monotonic ns): a booking's k-th commit is its k-th row, since
+    one writer thread writes each booking's states in order (`ChangeWriter`)."""
+    pending: dict[str, list[int]] = {}
+    for booking_id, committed_ns in commits:
+        pending.setdefault(booking_id, []).append(committed_ns)
+    found: dict[int, int] = {}
+    for row in outbox:  # in id order
+        times = pending.get(row.booking_id)
+        if times:
+            found[row.id] = times.pop(0)
+    return found
 
 
 def check_history(rms: Rms, receiver: Receiver) -> Report:

@@ -15,6 +15,8 @@ import time
 from typing import Any
 
 from app.migrate import upgrade
+from tests.chaos.checker import delivery_lags
+from tests.chaos.freezer import Freezer, summary, windows
 from tests.chaos.harness import (
     ChangeWriter,
     Figures,
@@ -24,6 +26,7 @@ from tests.chaos.harness import (
     booking_histories,
     change_count,
     check_history,
+    commit_times,
     log_events,
     publish,
     readiness_watch,
@@ -305,5 +308,90 @@ def graceful_shutdown(launcher: Launcher, database_url: str) -> Figures:
             f"released within {drained:.2f} s, process gone within {exited:.2f} s",
             exits=exits,
             grace=grace,
+        )
+    )
+
+
+#: The freezes of `frozen_replicas`, in turn: a phase of `Freezer.catch`, or any moment.
+FREEZE_PLAN = ("ingest", "claim", "record", "request", "send", "random")
+
+
+def frozen_replicas(launcher: Launcher, database_url: str) -> Figures:
+    """Relay processes are frozen (SIGSTOP) for longer than their lease and thawed (SIGCONT),
+    one at a time, again and again while changes flow: in turn inside ingest, claim and record
+    transactions, while requests are on the wire, just after a claim (between the lease check
+    and the request, SPEC 9.3) and at any moment. Besides the invariants, each state written
+    while a replica was frozen must reach Mozrest (itself or a newer state of its booking)
+    within RELAY_LEASE_SECONDS + 5 s of its commit (SPEC 9.4)."""
+    changes = change_count(1_200, 20_000)
+    write_seconds = scaled(50.0, 240.0)
+    lease = 3.0
+    bound = lease + 5.0
+    _, receiver = start_emulator(launcher)
+    # Requests take 50-400 ms, so a replica frozen at any moment often has some on the wire.
+    receiver.set_faults(latency_ms=50, latency_jitter_ms=350, seed=13)
+    env = relay_env(database_url, receiver.url, lease_seconds=f"{lease:g}s", http_timeout="1s")
+    workers = [start_worker(launcher, env) for _ in range(3)]
+    pids = [w.popen.pid for w in workers]
+    rms = Rms(database_url)
+    rng = random.Random(17)
+    writer = ChangeWriter(
+        rms,
+        booking_histories(changes, seed=71, prefix="frozen"),
+        rate=changes / write_seconds,
+    )
+    last_thaw = time.monotonic()
+    with Freezer(database_url, relay_pids=pids, lease_seconds=lease) as freezer:
+        writer.start()
+        turn = 0
+        while writer.written < writer.total:
+            wanted = FREEZE_PLAN[turn % len(FREEZE_PLAN)]
+            pid = rng.choice(pids)
+            if wanted == "random":
+                time.sleep(rng.uniform(0.0, 1.0))
+                freeze = freezer.stop_now(pid)
+            else:
+                freeze = freezer.catch(pid, wanted, timeout=3.0, send_delay=0.005)
+            time.sleep(max(0.0, rng.uniform(4.0, 6.0) - freeze.held_seconds))
+            freezer.thaw(freeze)
+            last_thaw = time.monotonic()
+            turn += 1
+            time.sleep(rng.uniform(0.3, 1.0))
+        _write_all(writer)
+    settled = wait_settled(rms, timeout=SETTLE_TIMEOUT)
+    report = check_history(rms, receiver)
+    outbox, received = rms.outbox_rows(), receiver.requests()
+    rms.close()
+    assert all(w.popen.poll() is None for w in workers), "a worker died"
+    freezer.verify_requests(received)
+    spans = windows(freezer.freezes)
+    lags = [
+        lag
+        for lag in delivery_lags(outbox, received, commit_times(outbox, writer.commits))
+        if any(start <= lag.committed_ns <= end for start, end in spans)
+    ]
+    never = [lag for lag in lags if lag.seconds is None]
+    slowest = max((lag.seconds for lag in lags if lag.seconds is not None), default=0.0)
+    landed = summary(freezer.freezes)
+    misses = sum(f.misses for f in freezer.freezes)
+    for freeze in freezer.freezes:
+        print(freeze.describe())
+    for lag in sorted(lags, key=lambda lag: -math.inf if lag.seconds is None else -lag.seconds)[:3]:
+        print(f"slow: {lag.booking_id} row {lag.outbox_id}: {lag.seconds} s")
+    kinds = ", ".join(f"{phase} {n}/{total}" for phase, (n, total) in landed.items())
+    return publish(
+        Figures.from_report(
+            "replicas frozen (SIGSTOP) past the lease",
+            report,
+            settled - last_thaw,
+            f"{len(freezer.freezes)} freezes of 4-6 s, lease {lease:g} s, 3 workers; landed "
+            f"inside the phase aimed at: {kinds} ({misses} stops a moment late, thawed at "
+            f"once); states written while one was frozen: {len(lags)}, slowest to Mozrest "
+            f"{slowest:.1f} s (bound {bound:g} s), never {len(never)}",
+            slowest_seconds=slowest,
+            bound_seconds=bound,
+            never=never,
+            measured=len(lags),
+            landed=landed,
         )
     )

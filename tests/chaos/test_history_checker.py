@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.chaos.checker import OutboxRow, ReceivedRequest, check
+from tests.chaos.checker import OutboxRow, ReceivedRequest, check, delivery_lags
 
 MS = 1_000_000
 
@@ -204,3 +204,24 @@ def test_size_counts_the_wire_form_not_the_stored_text() -> None:
         max_payload_bytes=1024,
     )
     assert report.ok, report.describe()
+
+
+def test_a_lag_runs_from_the_commit_to_mozrest_holding_that_state_or_a_newer_one() -> None:
+    """A (row 1) accepted 40 ms after its commit; B (row 2) never sent on its own but C (row 3),
+    accepted 900 ms after B's commit, covers it; a state Mozrest already held lags 0."""
+    a, b, c = state(), state(tables=["t2"]), state(tables=["t3"])
+    rows = [row(1, a), row(2, b, "superseded"), row(3, c), row(4, c, "unchanged")]
+    log = Receiver().got(a, at=50, ms=30).got(c, at=1000, ms=100).log
+    commits = {1: 40 * MS, 2: 200 * MS, 3: 600 * MS, 4: 1200 * MS}
+    lags = {lag.outbox_id: lag.seconds for lag in delivery_lags(rows, log, commits)}
+    assert lags == {1: 0.04, 2: 0.9, 3: 0.5, 4: 0.0}
+
+
+def test_a_state_never_held_has_no_lag_and_held_states_are_not_measured() -> None:
+    """A booking whose newest state Mozrest never got shows None; a `held` state (no send status
+    yet, SPEC 3.6) and rows without a commit time are left out."""
+    booked, seated, moved = state(status="booked"), state(), state(tables=["t9"])
+    rows = [row(1, booked, "held"), row(2, seated), row(3, moved)]
+    log = Receiver().got(seated, at=100).log
+    lags = {lag.outbox_id: lag.seconds for lag in delivery_lags(rows, log, {1: 0, 3: 200 * MS})}
+    assert lags == {3: None}

@@ -214,7 +214,7 @@ async def require_schema(runtime: RuntimeDep) -> None:
     except TimeoutError:
         raise StoreError("the database did not answer within 2s") from None
     if check != "ok":
-        raise HTTPException(503, check)
+        raise HTTPException(503, check + DOCTOR_HINT)  # word for word `/readyz`'s reason
 
 
 async def readiness_checks(runtime: Runtime) -> dict[str, str]:
@@ -242,6 +242,8 @@ async def readiness_checks(runtime: Runtime) -> dict[str, str]:
             checks["mozrest"] = "credentials rejected (401): check MOZREST_WEBHOOK_TOKEN"
         elif runtime.worker.circuit_state != "closed":
             checks["mozrest"] = f"circuit {runtime.worker.circuit_state}: Mozrest is failing"
+    if checks["database"] == "ok" and checks["schema"] != "ok":
+        checks["worker"] = "unknown: no worker runs on a schema that is not right"
     if checks["schema"] == "ok":
         try:
             fleet = await asyncio.wait_for(

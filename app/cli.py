@@ -293,9 +293,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def _settings_epilog(*groups: list[str]) -> str:
     names = ", ".join(dict.fromkeys(name for group in groups for name in group))
-    return textwrap.fill(f"reads: {names}", width=78, subsequent_indent="  ") + (
-        "\n\n" + README_POINTER
-    )
+    reads = textwrap.fill(f"reads: {names}", width=78, subsequent_indent="  ")
+    return f"{reads}\n\n{textwrap.fill(README_POINTER, width=78)}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,10 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
         ["RELAY_MAX_PAYLOAD_BYTES", "RELAY_SEND_ITEMS", "RELAY_SEND_STATUSES"],
     )
     enqueue.add_argument("file", metavar="FILE", help="a JSON file, or - for stdin")
-    emulator = add("emulator", cmd_emulator, "serve a local Mozrest stand-in on loopback")
-    emulator.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    emulator.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    emulator.add_argument("--port", type=int, default=8090, help="port to listen on")
+    emulator = add(
+        "emulator",
+        cmd_emulator,
+        "serve a local Mozrest stand-in: POST /rms, GET /venues/{venueId}/pos-tables, and "
+        "/_emulator/* to see what it received (`make run` starts it)",
+    )
+    emulator.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    emulator.add_argument(
+        "--port", type=int, default=8090, help="port to listen on (default: %(default)s)"
+    )
     emulator.add_argument(
         "--token",
         default=None,
@@ -389,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         "workers, backlog), one line each with a verdict and what to do; exit 0 only when the "
         "relay can deliver",
     )
-    doctor.epilog = README_POINTER
+    doctor.epilog = textwrap.fill(README_POINTER, width=78)
     doctor.add_argument(
         "--venue",
         metavar="VENUE_ID",

@@ -506,13 +506,13 @@ async def get_table_matching(
     methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
     include_in_schema=False,
 )
-async def unknown_route(path: str, request: Request) -> None:
+async def unknown_route(path: str) -> None:
     """Unknown `/api/*` paths answer 404 only after the admin token check, like the rest; a
     known path asked with another method answers 405 naming the methods it takes."""
     allowed: set[str] = set()
-    for route in request.app.router.routes:
+    for route in router.routes:
         if isinstance(route, APIRoute) and route.include_in_schema:
-            if route.path_regex.match(request.url.path):
+            if route.path_regex.match(f"/{path}"):
                 allowed |= route.methods or set()
     if allowed:
         raise HTTPException(

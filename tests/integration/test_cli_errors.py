@@ -13,11 +13,12 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy import text
 
-from tests.conftest import PYTHON, ROOT, PostgresDatabases, free_port
+from tests.conftest import PYTHON, ROOT, Launcher, PostgresDatabases, free_port
 
 EXAMPLE = ROOT / "examples" / "seated.json"
 GUEST_DATA = ("john.doe@mail.com", "Doe", "peanuts", "34646223399")
@@ -296,3 +297,22 @@ def test_emulator_help_shows_its_defaults(tmp_path: Path) -> None:
     shown = " ".join(result.stdout.split())
     assert "(default: 127.0.0.1)" in shown and "(default: 8090)" in shown
     assert "without it, any request is accepted" in shown
+
+
+def test_pos_tables_columns_hold_long_ids(tmp_path: Path, launcher: Launcher) -> None:
+    """Ids longer than 20 characters keep the name and area columns aligned."""
+    emulator = launcher.emulator(token="t", api_key="k")
+    tables = [
+        {"id": "28c3ce8b-8c10-4a64-8099-f0dffcc549a8", "name": "Window", "area": "Terrace"},
+        {"id": "T2", "name": "Table 2", "area": None},
+    ]
+    httpx.put(f"{emulator.url}/_emulator/venues/v1/tables", json={"tables": tables})
+    result = relay(
+        "pos-tables", "v1", cwd=tmp_path, MOZREST_API_URL=str(emulator.url), MOZREST_API_KEY="k"
+    )
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.splitlines()[1:]
+    assert len(rows) == 3
+    names = ["name", "Window", "Table 2"]
+    assert len({row.index(name) for row, name in zip(rows, names, strict=True)}) == 1
+    assert rows[2].rstrip().endswith("-")

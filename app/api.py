@@ -1,4 +1,5 @@
-"""The admin HTTP API (SPEC section 6): health, metrics, and the operators' `/api/*` routes."""
+"""The admin HTTP API: health, metrics, and the operators' `/api/*` routes (README, "For
+operators")."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -22,9 +24,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, gene
 
 from app import __version__, metrics
 from app.logs import configure_logging, get_logger, log_event
-from app.migrate import head_revision
+from app.migrate import schema_problem
 from app.publisher import PartnerApi
 from app.runtime import (
+    bind_socket,
     build_engine,
     build_store,
     build_worker,
@@ -50,6 +53,8 @@ class Runtime:
     store: Store
     partner_api: PartnerApi
     worker: Worker | None = None
+    #: Until when (monotonic) the schema is taken to be at head without asking again.
+    schema_ok_until: float = 0.0
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -167,42 +172,79 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
     async def metrics_endpoint(runtime: RuntimeDep) -> Response:
-        with contextlib.suppress(StoreError, asyncio.TimeoutError):
-            await asyncio.wait_for(refresh_gauges(runtime), timeout=2)
+        # The gauges keep their last values while the database or its schema is not right;
+        # `/readyz` says which.
+        with contextlib.suppress(StoreError, TimeoutError):
+            if time.monotonic() < runtime.schema_ok_until or await schema_check(runtime) == "ok":
+                await asyncio.wait_for(refresh_gauges(runtime), timeout=2)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     from app.routes import router
 
-    app.include_router(router, prefix="/api", dependencies=[Depends(require_admin)])
+    app.include_router(
+        router, prefix="/api", dependencies=[Depends(require_admin), Depends(require_schema)]
+    )
     return app
 
 
+#: Every reason `/readyz` gives ends by pointing here: it checks the whole set-up.
+DOCTOR_HINT = " (mozrest-relay doctor checks the whole set-up)"
+#: A schema found at head is trusted this long before `/api/*` reads the revision again.
+SCHEMA_RECHECK_SECONDS = 10.0
+
+
+async def schema_check(runtime: Runtime) -> str:
+    """`"ok"` or what is wrong with the schema (`app.migrate.schema_problem`); raises
+    `StoreError` or `TimeoutError` when the database does not answer."""
+    revision = await asyncio.wait_for(runtime.store.schema_revision(), timeout=2)
+    problem = schema_problem(revision)
+    if problem is None:
+        runtime.schema_ok_until = time.monotonic() + SCHEMA_RECHECK_SECONDS
+        return "ok"
+    runtime.schema_ok_until = 0.0
+    return problem
+
+
+async def require_schema(runtime: RuntimeDep) -> None:
+    """`/api/*` answers 503 with `/readyz`'s schema reason while the schema is not at head."""
+    if time.monotonic() < runtime.schema_ok_until:
+        return
+    try:
+        check = await schema_check(runtime)
+    except TimeoutError:
+        raise StoreError("the database did not answer within 2s") from None
+    if check != "ok":
+        raise HTTPException(503, check + DOCTOR_HINT)  # word for word `/readyz`'s reason
+
+
 async def readiness_checks(runtime: Runtime) -> dict[str, str]:
-    """Each check is "ok" or a short reason."""
+    """Each check is "ok" or a short reason. Reasons never carry a driver's words (the check
+    is open to anyone): the log has them."""
     checks = {"database": "ok", "schema": "ok", "worker": "ok", "mozrest": "ok"}
     try:
         await asyncio.wait_for(runtime.store.ping(), timeout=2)
     except (StoreError, TimeoutError) as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
-        checks.update(database=f"unreachable: {reason}"[:200], schema="unknown: no database")
+        log_event(log, logging.WARNING, "readyz.database_unreachable", error=reason[:300])
+        checks.update(
+            database="unreachable" + DOCTOR_HINT,
+            schema="unknown: the database is unreachable",
+            worker="unknown: the database is unreachable",
+        )
     else:
         try:
-            revision = await asyncio.wait_for(runtime.store.schema_revision(), timeout=2)
-        except (StoreError, TimeoutError):
-            revision = "?"
-        head = head_revision()
-        if revision is None:
-            checks["schema"] = "missing: run mozrest-relay migrate"
-        elif revision != head:
-            checks["schema"] = f"at {revision}, expected {head}: run mozrest-relay migrate"
+            checks["schema"] = await schema_check(runtime)
+        except (StoreError, TimeoutError) as exc:
+            log_event(log, logging.WARNING, "readyz.schema_unknown", error=str(exc)[:300])
+            checks["schema"] = "unknown: the database did not answer" + DOCTOR_HINT
     if runtime.worker is not None:
-        if runtime.worker.failure is not None:
-            checks["worker"] = "stopped after an internal error (worker.loop_failed): restarting"
         if runtime.worker.credentials_state != "ok":
             checks["mozrest"] = "credentials rejected (401): check MOZREST_WEBHOOK_TOKEN"
         elif runtime.worker.circuit_state != "closed":
             checks["mozrest"] = f"circuit {runtime.worker.circuit_state}: Mozrest is failing"
-    if checks["database"] == "ok":
+    if checks["database"] == "ok" and checks["schema"] != "ok":
+        checks["worker"] = "unknown: no worker runs on a schema that is not right"
+    if checks["schema"] == "ok":
         try:
             fleet = await asyncio.wait_for(
                 runtime.store.fleet_health(
@@ -212,15 +254,24 @@ async def readiness_checks(runtime: Runtime) -> dict[str, str]:
             )
         except (StoreError, TimeoutError):
             fleet = None
-        if fleet is not None:
-            if runtime.worker is None and fleet.live_workers == 0:
+        if fleet is None:
+            checks["worker"] = "unknown: the database did not answer"
+        else:
+            # Only a heartbeat in the database says a worker runs, this process's own included
+            # (it registers once the database first answers).
+            if fleet.live_workers == 0:
                 checks["worker"] = "no worker heartbeat recently"
             if runtime.worker is None and checks["mozrest"] == "ok":
                 if fleet.credentials_rejected:
                     checks["mozrest"] = "credentials rejected (401): check MOZREST_WEBHOOK_TOKEN"
                 elif fleet.circuit_open:
                     checks["mozrest"] = "circuit open: Mozrest is failing"
-    return checks
+    if runtime.worker is not None and runtime.worker.failure is not None:
+        checks["worker"] = "stopped after an internal error (worker.loop_failed): restarting"
+    return {
+        name: check if check == "ok" or check.endswith(DOCTOR_HINT) else check + DOCTOR_HINT
+        for name, check in checks.items()
+    }
 
 
 async def refresh_gauges(runtime: Runtime) -> None:
@@ -252,7 +303,7 @@ _worker_failed = False
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises a SIGTERM it has already handled by shutting down gracefully, so the
-    process would die of the signal; the relay exits 0 instead (SPEC 3.11)."""
+    process would die of the signal; the relay exits 0 instead, as a SIGTERM'd replica should."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -274,7 +325,11 @@ def serve(settings: Settings, *, with_worker: bool) -> None:
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
-    _Server(config).run()
+    sock = bind_socket(settings.relay_host, settings.relay_port)
+    try:
+        _Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     if _worker_failed:
         raise SystemExit(1)
 

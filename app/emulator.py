@@ -1,7 +1,8 @@
 """A local Mozrest stand-in: the reservation webhook and POS tables endpoint, with injected faults.
 
 `mozrest-relay emulator` serves it on loopback (`serve`); tests build it in process (`create_app`).
-It validates what arrives as SPEC section 3.7 says, by `app.contract.parse_state(strict=True)`.
+It validates what arrives as Mozrest documents the webhook payload (the README's outbox contract),
+by `app.contract.parse_state(strict=True)`.
 
 Mozrest's endpoints
     POST /rms                          the reservation webhook; `Authorization: Bearer <token>`.
@@ -13,7 +14,8 @@ Mozrest's endpoints
                                        Bearer auth with the Partner API key. A venue without
                                        configured tables answers `DEFAULT_TABLES`.
 
-Without a configured token (or api key) any non-empty Bearer token passes; a missing one is 401.
+Without a configured token (or api key) every request passes, with or without a Bearer token; with
+one, a missing or different token is 401.
 
 Accepted states are upserted per `bookingId`. Like Mozrest, the emulator's POS order keeps the
 items of the last state that carried them: a state without `items` (or with an empty array) leaves
@@ -350,12 +352,17 @@ class _DroppedConnection(Response):
 
 
 def _bearer_rejection(authorization: str | None, expected: str | None) -> str | None:
-    """Why a request's Bearer credentials are refused, or None when they are accepted."""
+    """Why a request's Bearer credentials are refused, or None when they are accepted. With no
+    token expected, every request is accepted, with or without credentials: so a relay run
+    without MOZREST_WEBHOOK_TOKEN (allowed on loopback) works against an emulator started
+    without `--token`."""
+    if expected is None:
+        return None
     scheme, _, credentials = (authorization or "").partition(" ")
     credentials = credentials.strip()
     if scheme.lower() != "bearer" or not credentials:
         return "Missing bearer token"
-    if expected is not None and not secrets.compare_digest(credentials.encode(), expected.encode()):
+    if not secrets.compare_digest(credentials.encode(), expected.encode()):
         return "Invalid bearer token"
     return None
 
@@ -585,4 +592,10 @@ def serve(
     )
     # After Config, which configures uvicorn's loggers: drops are deliberate, not app errors.
     logging.getLogger("uvicorn.error").addFilter(_not_injected_drop)
-    _AnnouncingServer(config).run()
+    from app.runtime import bind_socket
+
+    sock = bind_socket(host, port, port_setting="--port", host_setting="--host")
+    try:
+        _AnnouncingServer(config).run(sockets=[sock])
+    finally:
+        sock.close()

@@ -65,3 +65,20 @@ def current_revision(connection: Connection) -> str | None:
     """The revision a database is at, or None when the relay's schema is absent."""
     context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
     return context.get_current_revision()
+
+
+def schema_problem(revision: str | None) -> str | None:
+    """What is wrong with a database at `revision`, in one short line naming the fix; None at
+    head. `/readyz`, `/api/*`, `run`, `worker` and `doctor` all say it in these words."""
+    head = head_revision()
+    if revision == head:
+        return None
+    if revision is None:
+        return "not migrated: run mozrest-relay migrate"
+    script = ScriptDirectory.from_config(alembic_config())
+    if revision in {rev.revision for rev in script.walk_revisions()}:
+        return f"at revision {revision}, older than this relay's {head}: run mozrest-relay migrate"
+    return (
+        f"at revision {revision}, unknown to this relay (newest {head}): a newer "
+        "mozrest-relay migrate ran on it; run that newer version"
+    )

@@ -1,4 +1,4 @@
-"""The operators' `/api/*` routes (SPEC section 6); `api.py` mounts them behind the admin token.
+"""The operators' `/api/*` routes; `api.py` mounts them behind the admin token.
 
 Lists are newest first, one keyset page at a time: the cursor is an opaque token naming the last
 id answered, and the next page is the rows below it (`app.store_admin`).
@@ -14,7 +14,9 @@ from collections import OrderedDict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import AfterValidator
 
 from app.api import Runtime, RuntimeDep
@@ -47,7 +49,7 @@ from app.store_admin import NotFoundError
 
 log = get_logger("api")
 
-#: Largest page a list answers (SPEC section 6), and the default.
+#: Largest page a list answers, and the default.
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
 #: Ids are PostgreSQL `bigint`s: anything larger cannot name a row (and would not bind).
@@ -62,11 +64,44 @@ NOT_FOUND: Responses = {404: {"model": Error, "description": "No such delivery o
 CONFLICT: Responses = {409: {"model": Error, "description": "Refused: the detail says why."}}
 MOZREST_FAILED: Responses = {502: {"model": Error, "description": "Mozrest's Partner API failed."}}
 
+
+def _query_names(dependant: Dependant) -> set[str]:
+    """The query parameters a route reads, its dependencies' included."""
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def reject_unknown_query(request: Request) -> None:
+    """A query parameter the route does not take is a 422 naming it: a typo such as
+    `statuss=dead` must not silently list everything."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or not route.include_in_schema:
+        return
+    known = _query_names(route.dependant)
+    unknown = [name for name in request.query_params if name not in known]
+    if unknown:
+        takes = ", ".join(sorted(known)) or "none"
+        raise RequestValidationError(
+            [
+                {
+                    "type": "extra_forbidden",
+                    "loc": ("query", name),
+                    "msg": f"unknown query parameter {name!r}; this route takes: {takes}",
+                    "input": request.query_params[name],
+                }
+                for name in dict.fromkeys(unknown)
+            ]
+        )
+
+
 router = APIRouter(
+    dependencies=[Depends(reject_unknown_query)],
     responses={
         401: {"model": Error, "description": "Missing or wrong admin token."},
         503: {"model": Error, "description": "RELAY_ADMIN_TOKEN is not set, or no database."},
-    }
+    },
 )
 
 DeliveryId = Annotated[int, Path(ge=1, le=MAX_ID, description="A delivery id.")]
@@ -213,6 +248,14 @@ async def requeue_deliveries(body: RequeueRequest, runtime: RuntimeDep) -> Reque
         requeued=requeued,
     )
     return RequeueResult(requeued=requeued)
+
+
+@router.api_route(
+    "/deliveries/retry", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False
+)
+async def requeue_deliveries_wrong_method() -> None:
+    """Without this, `GET /deliveries/retry` would be read as delivery id "retry" (a 422)."""
+    raise HTTPException(405, "Method Not Allowed", headers={"Allow": "POST"})
 
 
 @router.get(
@@ -464,5 +507,15 @@ async def get_table_matching(
     include_in_schema=False,
 )
 async def unknown_route(path: str) -> None:
-    """Unknown `/api/*` paths answer 404 only after the admin token check, like the rest."""
+    """Unknown `/api/*` paths answer 404 only after the admin token check, like the rest; a
+    known path asked with another method answers 405 naming the methods it takes."""
+    allowed: set[str] = set()
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.include_in_schema:
+            if route.path_regex.match(f"/{path}"):
+                allowed |= route.methods or set()
+    if allowed:
+        raise HTTPException(
+            405, "Method Not Allowed", headers={"Allow": ", ".join(sorted(allowed))}
+        )
     raise HTTPException(404, "Not Found")

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
+import os
 import signal
+import socket
 from collections.abc import Callable
 
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db import create_engine
 from app.logs import get_logger, log_event
+from app.migrate import current_revision, schema_problem
 from app.policy import RetryPolicy
 from app.publisher import make_publisher
 from app.settings import Settings
@@ -20,6 +26,108 @@ from app.store import Store
 from app.worker import Worker, WorkerConfig
 
 log = get_logger("runtime")
+
+#: How long a start-up check waits for the database before calling it unreachable.
+DATABASE_CHECK_SECONDS = 10.0
+#: Exit statuses: a set-up the user must fix (bad setting, schema), and a database that does
+#: not answer (may pass on its own: a supervisor's restart can help).
+EXIT_SETUP = 2
+EXIT_UNAVAILABLE = 3
+
+
+class CommandError(Exception):
+    """A command cannot go on as set up; the message is one line naming what to fix."""
+
+    def __init__(self, message: str, *, exit_status: int = EXIT_SETUP) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+def safe_database_url(database_url: str) -> str:
+    """The URL with its password masked, fit for a terminal or a log."""
+    try:
+        return make_url(database_url).render_as_string(hide_password=True)
+    except sa_exc.ArgumentError:
+        return "(unparseable URL)"
+
+
+def describe_database_error(error: BaseException) -> str:
+    """Why the database could not be used, in a few words: the driver's own first line for
+    connection problems, never a SQL statement or its parameters (they may hold guest data)."""
+    if isinstance(error, TimeoutError | sa_exc.TimeoutError):
+        return "it did not answer in time"
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    reason: str | None = None
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, sa_exc.StatementError):
+            # Its str() carries the statement and parameters; only the driver's error is safe.
+            cause = cause.orig
+            continue
+        if isinstance(cause, socket.gaierror):
+            reason = f"cannot resolve its host name ({cause.strerror})"
+            break
+        if isinstance(cause, OSError) and cause.errno and cause.errno > 0:
+            reason = os.strerror(cause.errno)
+            break
+        text = str(cause).strip()
+        if text:
+            reason = text.splitlines()[0]
+        cause = cause.__cause__ or cause.__context__
+    reason = (reason or type(error).__name__)[:200]
+    return reason
+
+
+async def check_database(settings: Settings, *, require_schema: bool) -> str | None:
+    """Connect once and read the schema revision. Raise `CommandError` when the database does
+    not answer, or (with `require_schema`) when its schema is not this relay's newest; else
+    answer the schema problem, if any."""
+    url = safe_database_url(settings.database_url)
+    engine = create_engine(settings.database_url, pool_size=1)
+    try:
+        async with asyncio.timeout(DATABASE_CHECK_SECONDS):
+            async with engine.connect() as conn:
+                revision = await conn.run_sync(current_revision)
+    except (sa_exc.SQLAlchemyError, OSError, TimeoutError) as exc:
+        raise CommandError(
+            f"DATABASE_URL ({url}): cannot use the database: {describe_database_error(exc)}",
+            exit_status=EXIT_UNAVAILABLE,
+        ) from None
+    finally:
+        await engine.dispose()
+    problem = schema_problem(revision)
+    if problem is not None and require_schema:
+        raise CommandError(f"DATABASE_URL ({url}): the relay's schema is {problem}")
+    return problem
+
+
+def bind_socket(
+    host: str, port: int, *, port_setting: str = "RELAY_PORT", host_setting: str = "RELAY_HOST"
+) -> socket.socket:
+    """Bind `host:port` before anything starts, so a taken port is one clear line naming the
+    setting, never an `api.started` followed by a bind error."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CommandError(f"{host_setting}: cannot resolve {host!r}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    # As uvicorn does: a port left in TIME_WAIT by a previous run can be taken again at once.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise CommandError(
+                f"{port_setting}: {host}:{port} is already in use by another process: stop it, "
+                f"or set {port_setting} to a free port"
+            ) from None
+        raise CommandError(
+            f"{host_setting}/{port_setting}: cannot listen on {host}:{port}: {exc.strerror}"
+        ) from None
+    return sock
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -1,4 +1,4 @@
-"""The admin API's request and response models (SPEC section 6), so `/docs` shows every shape."""
+"""The admin API's request and response models, so `/docs` shows every shape."""
 
 from __future__ import annotations
 

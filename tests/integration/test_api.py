@@ -27,7 +27,7 @@ from app.policy import Verdict
 from app.routes import decode_cursor, encode_cursor
 from app.settings import load_settings
 from app.store import AttemptResult, Store, WorkerInfo
-from tests.conftest import Launcher, Process, free_port, wait_http
+from tests.conftest import Launcher, PostgresDatabases, Process, free_port, wait_http
 
 ADMIN_TOKEN = "adm-secret"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -859,3 +859,83 @@ async def test_unreachable_database_answers_503_not_500() -> None:
         retry = await api.client.post("/api/deliveries/retry", json={"status": "dead"})
         assert retry.status_code == 503
         assert (await api.client.get("/metrics")).status_code == 200
+
+
+# -- a schema that is not right, and requests that are not --------------------------------------
+
+
+async def test_unmigrated_database_answers_503_naming_migrate(
+    postgres: PostgresDatabases | None, tmp_path: Any
+) -> None:
+    """Never migrated: `/readyz` is 503 with the reason in `checks.schema`, every `/api/*` route
+    503 with the same `detail`, and `/metrics` still scrapes (it answered 500)."""
+    urls = [f"sqlite+aiosqlite:///{tmp_path}/never-migrated.db"]
+    created = postgres.create(migrated=False) if postgres is not None else None
+    if postgres is not None and created is not None:
+        urls.append(postgres.url(created))
+    try:
+        await _check_unmigrated(urls)
+    finally:
+        if postgres is not None and created is not None:
+            postgres.drop(created)
+
+
+async def _check_unmigrated(urls: list[str]) -> None:
+    for url in urls:
+        async with running_api(url) as api:
+            ready = await api.client.get("/readyz")
+            assert ready.status_code == 503
+            checks = ready.json()["checks"]
+            assert checks["database"] == "ok"
+            assert checks["schema"].startswith("not migrated: run mozrest-relay migrate")
+            assert "mozrest-relay doctor" in checks["schema"]
+            assert checks["worker"] != "ok"
+            for method, path in api_requests(api.app):
+                response = await api.client.request(method, path, json={})
+                assert response.status_code == 503, (method, path, response.text)
+                assert response.json() == {"detail": checks["schema"]}
+            assert (await api.client.get("/metrics")).status_code == 200
+
+
+async def test_readiness_never_echoes_driver_errors(postgres: PostgresDatabases | None) -> None:
+    """`/readyz` is open: a missing database is "unreachable", pointing at doctor, without the
+    driver's words (which name the database); the worker is not "ok" either."""
+    if postgres is None:
+        pytest.skip("PostgreSQL is not available")
+    async with running_api(postgres.url("mozrest_no_such_database")) as api:
+        ready = await api.client.get("/readyz")
+        assert ready.status_code == 503
+        checks = ready.json()["checks"]
+        assert checks["database"].startswith("unreachable")
+        assert "mozrest-relay doctor" in checks["database"]
+        assert "does not exist" not in ready.text and "mozrest_no_such_database" not in ready.text
+        assert checks["worker"] != "ok"
+
+
+async def test_wrong_methods_answer_405_not_422(api: Api) -> None:
+    """`GET /api/deliveries/retry` is not a delivery id: 405 naming POST; likewise a GET of a
+    POST-only delivery action."""
+    for path in ("/api/deliveries/retry", "/api/deliveries/1/retry", "/api/deliveries/1/cancel"):
+        response = await api.client.get(path)
+        assert response.status_code == 405, (path, response.text)
+        assert response.headers["Allow"] == "POST"
+        assert response.json() == {"detail": "Method Not Allowed"}
+    assert (await api.client.get("/api/no-such-route")).status_code == 404
+
+
+async def test_unknown_query_parameters_answer_422_naming_them(api: Api) -> None:
+    """`statuss=dead` must not list everything: 422 naming the parameter, on every route."""
+    await api.write(state("b1"))
+    for path, params in [
+        ("/api/deliveries", {"statuss": "dead"}),
+        ("/api/outbox", {"outcome": "queued", "venue_id": "v1"}),
+        ("/api/stats", {"verbose": "1"}),
+    ]:
+        response = await api.client.get(path, params=params)
+        assert response.status_code == 422, (path, response.text)
+        errors = response.json()["detail"]
+        unknown = next(name for name in params if name not in ("outcome",))
+        assert errors[0]["loc"] == ["query", unknown]
+        assert unknown in errors[0]["msg"]
+    known = await api.client.get("/api/deliveries", params={"status": "pending", "limit": 5})
+    assert known.status_code == 200

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from app import __version__
-from app.settings import KNOWN_STATUSES, ConfigError, Settings, load_settings
+from app.policy import KNOWN_STATUSES
+from app.settings import ConfigError, Settings, load_settings
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2

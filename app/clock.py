@@ -3,8 +3,8 @@
 A lease is granted on the database's clock and measured here from before the claiming call. The
 measure must count time the process spent frozen (SIGSTOP, a VM pause, a suspended laptop), or a
 thawed process would think its lease still good and send a state that a newer one has already
-overtaken (SPEC 9.3). Linux's CLOCK_BOOTTIME counts suspended time too; elsewhere the monotonic
-clock is the best there is.
+overtaken (docs/reliability.md). Linux's CLOCK_BOOTTIME counts suspended time too; elsewhere the
+monotonic clock is the best there is.
 """
 
 from __future__ import annotations

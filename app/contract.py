@@ -85,7 +85,7 @@ def _string(value: object, field: str, *, non_empty: bool, max_length: int | Non
 
 
 def _identifier(value: object, field: str) -> str:
-    """An id Mozrest keys on: compared exactly on every backend (SPEC 9.6), so nothing a
+    """An id Mozrest keys on: compared exactly on every backend, so nothing a
     collation could pad, fold or trim. MariaDB's PAD SPACE collations found `"B1 "` under
     `"B1"`'s row."""
     text = _string(value, field, non_empty=True, max_length=MAX_ID_LENGTH)

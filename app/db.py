@@ -42,7 +42,7 @@ MYSQL_TABLE_OPTIONS: dict[str, Any] = {
 
 #: Big integer ids that still auto-increment on SQLite (only INTEGER PRIMARY KEY does there).
 BigId = BigInteger().with_variant(Integer(), "sqlite")
-#: JSON documents: `jsonb` on PostgreSQL, as SPEC section 2 fixes for the outbox.
+#: JSON documents: `jsonb` on PostgreSQL, as the outbox contract fixes.
 JsonDocument = JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 
@@ -273,7 +273,7 @@ _OUTAGE_MYSQL_ERRORS = frozenset(
 def is_outage(exc: BaseException) -> bool:
     """Whether `exc` means the database cannot serve right now (retry the same work later), as
     opposed to a fault of what was asked: a row or a value it refused, which retrying can never
-    mend (SPEC 9.1). The one place that draws this line; `translate_errors` applies it."""
+    mend. The one place that draws this line; `translate_errors` applies it."""
     if isinstance(exc, sa_exc.TimeoutError | OSError | ConnectionError | TimeoutError):
         return True
     if not isinstance(exc, sa_exc.DBAPIError):

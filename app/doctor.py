@@ -21,8 +21,9 @@ from sqlalchemy import exc as sa_exc
 
 from app.db import create_engine
 from app.migrate import schema_problem
+from app.policy import KNOWN_STATUSES
 from app.runtime import build_store, describe_database_error, safe_database_url
-from app.settings import KNOWN_STATUSES, ConfigError, Settings, load_settings
+from app.settings import ConfigError, Settings, load_settings
 from app.store import Store, StoreError
 
 Verdict = Literal["ok", "warn", "fail", "skip"]

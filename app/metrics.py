@@ -1,4 +1,4 @@
-"""Prometheus metrics (SPEC section 7). Counters and histograms count this process's work; gauges
+"""Prometheus metrics. Counters and histograms count this process's work; gauges
 describe the whole relay and are read from the database at scrape time."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The relay's tables: `mozrest_outbox` is the RMS-facing contract (SPEC 2); the rest are ours."""
+"""The relay's tables: `mozrest_outbox` is the RMS-facing contract; the rest are ours."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from sqlalchemy import (
 
 from app.db import MYSQL_TABLE_OPTIONS, BigId, JsonDocument, UTCDateTime, metadata, utcnow
 
-#: Outcomes of an outbox row (SPEC section 2).
+#: Outcomes of an outbox row.
 OUTCOMES = ("queued", "unchanged", "held", "superseded", "invalid")
-#: Delivery statuses (SPEC section 3); `ACTIVE` ones may still be sent.
+#: Delivery statuses; `ACTIVE` ones may still be sent.
 STATUSES = ("pending", "retrying", "delivered", "dead", "superseded", "cancelled")
 ACTIVE_STATUSES = ("pending", "retrying")
 
@@ -61,11 +61,11 @@ booking = Table(
     Column("venue_id", String(64), nullable=False),
     # Highest outbox id ingested for this booking: an older row arriving later is superseded.
     Column("last_outbox_id", BigInteger, nullable=False),
-    # Highest outbox id whose state left for Mozrest; set means "sent once" (SPEC 3.6). A claim
+    # Highest outbox id whose state left for Mozrest; set means "sent once". A claim
     # sets it; a claim given back unsent restores what it was (`Store.release`).
     Column("sent_outbox_id", BigInteger, nullable=True),
     # Whether a state of this booking had a status in RELAY_SEND_STATUSES: from then on its
-    # newest state is sent, unless it is the first and cancelled (SPEC 3.6).
+    # newest state is sent, unless it is the first and cancelled.
     Column("reached_send_status", Boolean, nullable=False, server_default=false()),
     # The snapshot: the state Mozrest last accepted.
     Column("accepted_payload", JsonDocument, nullable=True),

@@ -16,31 +16,22 @@ from email.utils import parsedate_tz
 from app.contract import State, changed_fields, delivery_warnings, states_equal
 from app.text import shown
 
-#: Answers that mean "try again later" (SPEC 3.9); 5xx are retryable too.
+#: Answers that mean "try again later"; 5xx are retryable too.
 RETRYABLE_STATUS_CODES = frozenset({408, 425, 429})
 #: The answer that means our credentials are wrong, not the booking.
 CREDENTIALS_REJECTED_STATUS = 401
-#: Statuses an RMS commonly writes. A held state whose status is none of these (nor in
-#: RELAY_SEND_STATUSES) says so in its row's `error`: "Seated" or a typo is held for good.
-KNOWN_STATUSES = (
-    "requested",
-    "pending",
-    "confirmed",
-    "booked",
-    "arrived",
-    "seated",
-    "finished",
-    "completed",
-    "cancelled",
-    "no_show",
-)
-#: A booking never sent is never first sent in one of these (SPEC 3.6): Mozrest has no order
+#: Reservation statuses the relay knows by name. It passes any status on to Mozrest as it is; only
+#: those in RELAY_SEND_STATUSES start sending a booking, and `NEVER_FIRST_STATUSES` are never sent
+#: first. Compared exactly: `Seated` is not `seated`, so a held state with another status says so
+#: in its row's `error`, and `enqueue` and `doctor` warn. Keep in step with the README's list.
+KNOWN_STATUSES = frozenset({"booked", "confirmed", "seated", "finished", "cancelled", "no_show"})
+#: A booking never sent is never first sent in one of these: Mozrest has no order
 #: to cancel.
 NEVER_FIRST_STATUSES = frozenset({"cancelled"})
 
 
 class Outcome(enum.StrEnum):
-    """The outcome of an outbox row (SPEC section 2)."""
+    """The outcome of an outbox row."""
 
     QUEUED = "queued"
     UNCHANGED = "unchanged"
@@ -80,13 +71,13 @@ class Decision:
 
 
 def may_send_first(status: str, *, reached_send_status: bool) -> bool:
-    """Whether a booking never sent may be sent now, in a state of `status` (SPEC 3.6): once it
+    """Whether a booking never sent may be sent now, in a state of `status`: once it
     has reached a send status (this state or an earlier one), unless it is cancelled."""
     return reached_send_status and status not in NEVER_FIRST_STATUSES
 
 
 def decide(new: State, booking: BookingView, send_statuses: frozenset[str]) -> Decision:
-    """Decide a booking's newest state against what Mozrest holds or will hold (SPEC 3.4-3.6)."""
+    """Decide a booking's newest state against what Mozrest holds or will hold."""
     if booking.queued is not None and states_equal(new, booking.queued):
         return Decision(Outcome.UNCHANGED)
     # What Mozrest will hold once everything already sent has landed. After a request that got
@@ -203,7 +194,7 @@ class RetryPolicy:
         retry_after_seconds: float | None,
         newer_waiting: bool,
     ) -> Settlement:
-        """Where an attempt leaves a delivery this process still holds (SPEC 3.9, 9.2).
+        """Where an attempt leaves a delivery this process still holds.
 
         `attempt_count` counts the attempts before this one. A newer state waiting makes a
         failed attempt `superseded`: only the newest state needs to land.

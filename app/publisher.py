@@ -22,7 +22,7 @@ from app.clock import lease_clock
 from app.policy import parse_http_date, parse_retry_after
 from app.text import shown, storable
 
-#: Keep this many bytes of an answer's body: attempts store at most 4 KiB (SPEC section 6).
+#: Keep this many bytes of an answer's body: attempts store at most 4 KiB.
 ANSWER_BODY_LIMIT = 4096
 
 Transport = Literal["aiohttp", "httpx"]
@@ -51,7 +51,7 @@ class Publisher(Protocol):
         """POST `body` and read the answer, all before `deadline` (a `lease_clock()` time, before
         the claim's lease ends; by default the publisher's timeout from now). The deadline is
         checked again at the moment the body is written: past it nothing is written and the
-        answer says `lease_expired` (SPEC 9.3)."""
+        answer says `lease_expired`."""
         ...
 
     async def aclose(self) -> None: ...
@@ -319,7 +319,7 @@ def _loop_deadline(deadline: float) -> float:
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
-    """Mozrest's `Retry-After`, read against its own `Date` when that parses (SPEC 9.2)."""
+    """Mozrest's `Retry-After`, read against its own `Date` when that parses."""
     try:
         return parse_retry_after(
             headers.get("Retry-After"), now=parse_http_date(headers.get("Date"))
@@ -363,7 +363,7 @@ POS_TABLES_BODY_LIMIT = 1024 * 1024
 def parse_pos_tables(content: bytes, *, venue_id: str) -> dict[str, Any]:
     """Mozrest's POS tables answer checked against its documented shape (`venueId` a string,
     `tables` an array of `{id: string, name: string, area: string | null}`); anything else is a
-    `PartnerApiError` naming what is wrong, never a crash further on (SPEC 9.7)."""
+    `PartnerApiError` naming what is wrong, never a crash further on."""
 
     def wrong(what: str) -> PartnerApiError:
         return PartnerApiError(

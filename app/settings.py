@@ -20,12 +20,6 @@ PRODUCTION_API_URL = "https://api.mozrest.com"
 #: to record the outcome after the request ends. Keep in step with the README's configuration notes.
 LEASE_MARGIN_SECONDS = 1.0
 
-#: Reservation statuses the relay knows by name. It passes any status on to Mozrest as it is; only
-#: those in RELAY_SEND_STATUSES (default `seated`) start sending a booking, and a booking whose
-#: newest status is `cancelled` is never sent first. Compared exactly: `Seated` is not `seated`.
-#: `enqueue` and `doctor` warn about others; keep in step with the README's list.
-KNOWN_STATUSES = frozenset({"booked", "confirmed", "seated", "finished", "cancelled", "no_show"})
-
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 

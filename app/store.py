@@ -69,7 +69,7 @@ from app.text import storable
 _ACTIVE = text(ACTIVE_PREDICATE)
 #: What a recorded attempt changes on its delivery (`Store._apply_changes`).
 _CHANGE_FIELDS = ("c_status", "c_next_attempt_at", "c_delivered_at", "c_status_code", "c_error")
-#: Attempts keep at most this much of Mozrest's answer (SPEC section 6).
+#: Attempts keep at most this much of Mozrest's answer.
 RESPONSE_BODY_LIMIT = 4096
 
 log = get_logger("store")
@@ -137,7 +137,7 @@ class Claim:
     lease_expires_at: datetime
     previous_sent_outbox_id: int | None = None
     """The booking's "sent once" mark before this claim set it: a claim given back unsent
-    restores it, as if never made (SPEC 9.5)."""
+    restores it, as if never made."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,7 +346,7 @@ class Store(AdminQueries):
 
         A batch the database refuses for a reason of its rows (not an outage: `db.is_outage`)
         is taken again one row at a time, and the row that fails alone is set aside as
-        `invalid` (SPEC 9.1): one odd row never stalls the rows behind it.
+        `invalid`: one odd row never stalls the rows behind it.
         """
         try:
             return await self._ingest_batch(limit=limit, lease=lease)
@@ -435,7 +435,7 @@ class Store(AdminQueries):
         outcomes: dict[int, tuple[Outcome, str | None]] = {}
         newest: dict[str, tuple[Any, State]] = {}
         # Bookings whose states in this batch reached a send status before their newest one
-        # (SPEC 3.6: seated, then finished before the seated state left, is sent as finished).
+        # (seated, then finished before the seated state left, is sent as finished).
         reached: set[str] = set()
         for row in rows:
             try:
@@ -657,7 +657,7 @@ class Store(AdminQueries):
 
     async def _supersede(self, conn: AsyncConnection, deliveries: list[Any], now: datetime) -> None:
         """A newer state replaces these before they landed. A state that never left is, in the
-        outbox too, `superseded` (SPEC 3.4) rather than `queued`."""
+        outbox too, `superseded` rather than `queued`."""
         if not deliveries:
             return
         await conn.execute(
@@ -697,7 +697,7 @@ class Store(AdminQueries):
 
     async def _forget_sent(self, conn: AsyncConnection, claims: Sequence[Claim]) -> None:
         """Undo what these claims' leasing marked "sent once", for claims whose state never
-        reached the wire (SPEC 9.5). The caller holds the bookings' locks and has checked that
+        reached the wire. The caller holds the bookings' locks and has checked that
         each claim's lease is still its own."""
         if not claims:
             return
@@ -819,7 +819,7 @@ class Store(AdminQueries):
                     reached_send_status=bookings[booking_id].reached_send_status,
                 ):
                     # Queued behind a claim that was given back unsent: as if that claim had
-                    # never been made, this state would have been held (SPEC 9.5).
+                    # never been made, this state would have been held.
                     held.append(newest)
                     continue
                 chosen.append(newest)
@@ -871,9 +871,9 @@ class Store(AdminQueries):
     async def record(self, results: Sequence[AttemptResult], *, worker_id: str) -> list[Settled]:
         """Store attempts and move their deliveries on: delivered, retrying, dead, superseded.
 
-        A batch the database refuses for a reason of its answers (not an outage) is recorded
-        one answer at a time, and an answer refused alone is recorded without its text
-        (SPEC 9.1): one odd answer never keeps the others unrecorded.
+         A batch the database refuses for a reason of its answers (not an outage) is recorded
+         one answer at a time, and an answer refused alone is recorded without its text
+        : one odd answer never keeps the others unrecorded.
         """
         try:
             return await self._record_batch(results, worker_id=worker_id)
@@ -1158,7 +1158,7 @@ class Store(AdminQueries):
     @translate_errors
     async def release(self, claims: Sequence[Claim]) -> None:
         """Give claims back unsent (shutdown, open circuit, a lease run out before the write):
-        no attempt is counted, and the booking is as if never claimed (SPEC 9.5). A claim whose
+        no attempt is counted, and the booking is as if never claimed. A claim whose
         lease another process has taken over since is left alone."""
         if not claims:
             return

@@ -352,7 +352,7 @@ class AdminQueries:
     ) -> dict[int, str]:
         """Why each of these deliveries may not be sent again (absent: it may).
 
-        Newest wins (SPEC 3.2): a state older than one already accepted, sent, queued or merely
+        Newest wins: a state older than one already accepted, sent, queued or merely
         decided (`last_outbox_id` also counts an `unchanged` or `held` newer state) is never
         sent. The same rule leaves only the newest of several dead deliveries of one booking.
         Callers hold the booking locks.

@@ -3,7 +3,7 @@
 Mozrest's answers, exception messages and the keys of an RMS's payload can hold anything: NUL
 (PostgreSQL's `text` refuses it), invalid UTF-8, lone surrogates (no encoder takes them),
 megabytes. The relay stores such text only through `storable`, so one odd answer or row can never
-make a write fail (SPEC 9.1).
+make a write fail.
 """
 
 from __future__ import annotations

@@ -469,7 +469,7 @@ class Worker:
         # request must end before the lease does: start-up guarantees RELAY_LEASE_SECONDS >=
         # RELAY_HTTP_TIMEOUT + LEASE_MARGIN_SECONDS; a claim that has used up half that margin
         # before its request starts is given back, and the request's own deadline is absolute,
-        # checked again by the publisher the moment the body is written (SPEC 9.3).
+        # checked again by the publisher the moment the body is written.
         now = lease_clock()
         lease_ends = claimed_at + self.config.lease_seconds - LEASE_MARGIN_SECONDS / 2
         if self._stopping.is_set():

@@ -17,7 +17,7 @@ down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-#: Id columns compared exactly (SPEC 9.6). MariaDB's and MySQL's `utf8mb4_bin` is PAD SPACE:
+#: Id columns compared exactly. MariaDB's and MySQL's `utf8mb4_bin` is PAD SPACE:
 #: "B1 " equals "B1" there. These NO PAD binary collations compare byte for byte.
 _ID_COLUMNS = {
     "mozrest_outbox": ("booking_id", "venue_id"),

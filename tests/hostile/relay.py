@@ -8,7 +8,9 @@ its own and a failing one shrinks to its own cause, not to whatever an earlier o
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -224,7 +226,11 @@ class Relay:
         try:
             answer = self.api.get(path, params=params)
         except httpx.TransportError:
-            self.assert_alive()  # a dead relay is the finding, not the refused connection
+            # A dead relay is the finding, not the refused connection: give it time to exit.
+            assert self.process is not None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.popen.wait(10)
+            self.assert_alive()
             raise
         assert answer.status_code == 200, f"GET {path} {params}: {answer.status_code} {answer.text}"
         return answer.json()

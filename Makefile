@@ -70,6 +70,10 @@ chaos: $(STAMP) ## fault-injection suite at full scale, ~20,000 changes a scenar
 chaos-smoke: $(STAMP) ## fault-injection suite at the scale `make test` runs it, ~2,000 changes
 	CHAOS_SCALE=smoke $(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)
 
+.PHONY: hostile
+hostile: $(STAMP) ## hostile answers and rows (hypothesis) with many examples; HOSTILE_EXAMPLES=N to change
+	HYPOTHESIS_PROFILE=full $(BIN)/python -m pytest tests/hostile $(PYTEST_ARGS)
+
 .PHONY: lock
 lock: ## re-pin requirements.lock from a fresh install
 	rm -rf /tmp/mozrest-relay-lock && $(PYTHON) -m venv /tmp/mozrest-relay-lock

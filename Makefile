@@ -29,11 +29,16 @@ run: $(STAMP) ## start the local Mozrest emulator and the relay on SQLite, point
 test: $(STAMP) ## run the whole test suite (PostgreSQL tests run when a server answers)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+.PHONY: test-fast
+test-fast: $(STAMP) ## the unit tier only (pure logic, fakes): seconds
+	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
+
 .PHONY: lint
 lint: $(STAMP) ## ruff (lint and format check) and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mypy --explicit-package-bases tests
 
 .PHONY: check-deploy
 check-deploy: $(STAMP) ## validate Dockerfile, docker-compose.yml, Kubernetes manifests, alert rules

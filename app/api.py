@@ -5,78 +5,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
 from app import __version__, metrics
-from app.logs import configure_logging, get_logger, log_event
-from app.migrate import schema_problem
-from app.publisher import PartnerApi
-from app.runtime import (
-    bind_socket,
-    build_engine,
-    build_store,
-    build_worker,
-    freeze_startup_objects,
-    start_listener,
+from app.deps import (
+    DOCTOR_HINT,
+    AppContext,
+    ContextDep,
+    require_admin,
+    require_schema,
+    schema_check,
 )
+from app.logs import configure_logging, get_logger, log_event
+from app.publisher import PartnerApi
+from app.routes import router
+from app.runtime import assemble, bind_socket
 from app.settings import Settings
-from app.store import Store, StoreError
-from app.store_admin import ConflictError, NotFoundError
-from app.worker import Worker
+from app.store import ConflictError, NotFoundError, StoreError
 
 log = get_logger("api")
 
 # `*_created` series (one per counter and histogram) only clutter a scrape of this service.
-disable_created_metrics()
-
-
-@dataclass
-class Runtime:
-    """What the routes share: settings, the store, the Partner API, and the worker if any."""
-
-    settings: Settings
-    store: Store
-    partner_api: PartnerApi
-    worker: Worker | None = None
-    #: Until when (monotonic) the schema is taken to be at head without asking again.
-    schema_ok_until: float = 0.0
-
-
-def get_runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
-
-
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-
-
-def require_admin(request: Request, runtime: RuntimeDep) -> None:
-    """`/api/*` needs `Authorization: Bearer $RELAY_ADMIN_TOKEN`; with no token set, it is shut."""
-    expected = runtime.settings.relay_admin_token
-    if expected is None:
-        raise HTTPException(503, "RELAY_ADMIN_TOKEN is not set")
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), expected.encode()
-    ):
-        raise HTTPException(
-            401, "missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"}
-        )
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class _AsciiJSONResponse(JSONResponse):
@@ -89,43 +52,35 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = build_engine(settings)
-        store = build_store(settings, engine)
-        partner_api = PartnerApi(
-            base_url=settings.api_url,
-            api_key=settings.mozrest_api_key,
-            timeout_seconds=settings.relay_http_timeout,
-        )
-        runtime = Runtime(settings=settings, store=store, partner_api=partner_api)
-        app.state.runtime = runtime
-        worker_task: asyncio.Task[None] | None = None
-        listener: asyncio.Task[None] | None = None
-        if with_worker:
-            runtime.worker = build_worker(settings, store)
-            worker_task = asyncio.create_task(runtime.worker.run(), name="worker")
-            worker_task.add_done_callback(_exit_if_failed)
-            listener = await start_listener(settings, runtime.worker)
-        freeze_startup_objects()
-        log_event(
-            log,
-            logging.INFO,
-            "api.started",
-            host=settings.relay_host,
-            port=settings.relay_port,
-            admin_token_set=settings.relay_admin_token is not None,
-        )
-        try:
-            yield
-        finally:
-            if runtime.worker is not None and worker_task is not None:
-                runtime.worker.stop()
-                await asyncio.gather(worker_task, return_exceptions=True)
-                await runtime.worker.publisher.aclose()
-            if listener is not None:
-                listener.cancel()
-                await asyncio.gather(listener, return_exceptions=True)
-            await partner_api.aclose()
-            await engine.dispose()
+        async with assemble(settings, with_worker=with_worker) as parts:
+            partner_api = PartnerApi(
+                base_url=settings.api_url,
+                api_key=settings.mozrest_api_key,
+                timeout_seconds=settings.relay_http_timeout,
+            )
+            context = AppContext(
+                settings=settings, store=parts.store, partner_api=partner_api, worker=parts.worker
+            )
+            app.state.context = context
+            worker_task: asyncio.Task[None] | None = None
+            if parts.worker is not None:
+                worker_task = asyncio.create_task(parts.worker.run(), name="worker")
+                worker_task.add_done_callback(_exit_if_failed)
+            log_event(
+                log,
+                logging.INFO,
+                "api.started",
+                host=settings.relay_host,
+                port=settings.relay_port,
+                admin_token_set=settings.relay_admin_token is not None,
+            )
+            try:
+                yield
+            finally:
+                if parts.worker is not None and worker_task is not None:
+                    parts.worker.stop()
+                    await asyncio.gather(worker_task, return_exceptions=True)
+                await partner_api.aclose()
 
     app = FastAPI(
         title="mozrest-relay admin API",
@@ -162,8 +117,8 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
         summary="Readiness: database and schema; worker and Mozrest credentials as reasons",
         responses={503: {"description": "database unreachable or schema not at head"}},
     )
-    async def readyz(runtime: RuntimeDep) -> JSONResponse:
-        checks = await readiness_checks(runtime)
+    async def readyz(context: ContextDep) -> JSONResponse:
+        checks = await readiness_checks(context)
         ready = checks["database"] == "ok" and checks["schema"] == "ok"
         return JSONResponse(
             {"status": "ready" if ready else "not_ready", "checks": checks},
@@ -171,15 +126,13 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
         )
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
-    async def metrics_endpoint(runtime: RuntimeDep) -> Response:
+    async def metrics_endpoint(context: ContextDep) -> Response:
         # The gauges keep their last values while the database or its schema is not right;
         # `/readyz` says which.
         with contextlib.suppress(StoreError, TimeoutError):
-            if time.monotonic() < runtime.schema_ok_until or await schema_check(runtime) == "ok":
-                await asyncio.wait_for(refresh_gauges(runtime), timeout=2)
+            if time.monotonic() < context.schema_ok_until or await schema_check(context) == "ok":
+                await asyncio.wait_for(refresh_gauges(context), timeout=2)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    from app.routes import router
 
     app.include_router(
         router, prefix="/api", dependencies=[Depends(require_admin), Depends(require_schema)]
@@ -187,42 +140,35 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
     return app
 
 
-#: Every reason `/readyz` gives ends by pointing here: it checks the whole set-up.
-DOCTOR_HINT = " (mozrest-relay doctor checks the whole set-up)"
-#: A schema found at head is trusted this long before `/api/*` reads the revision again.
-SCHEMA_RECHECK_SECONDS = 10.0
-
-
-async def schema_check(runtime: Runtime) -> str:
-    """`"ok"` or what is wrong with the schema (`app.migrate.schema_problem`); raises
-    `StoreError` or `TimeoutError` when the database does not answer."""
-    revision = await asyncio.wait_for(runtime.store.schema_revision(), timeout=2)
-    problem = schema_problem(revision)
-    if problem is None:
-        runtime.schema_ok_until = time.monotonic() + SCHEMA_RECHECK_SECONDS
-        return "ok"
-    runtime.schema_ok_until = 0.0
-    return problem
-
-
-async def require_schema(runtime: RuntimeDep) -> None:
-    """`/api/*` answers 503 with `/readyz`'s schema reason while the schema is not at head."""
-    if time.monotonic() < runtime.schema_ok_until:
-        return
-    try:
-        check = await schema_check(runtime)
-    except TimeoutError:
-        raise StoreError("the database did not answer within 2s") from None
-    if check != "ok":
-        raise HTTPException(503, check + DOCTOR_HINT)  # word for word `/readyz`'s reason
-
-
-async def readiness_checks(runtime: Runtime) -> dict[str, str]:
+async def readiness_checks(context: AppContext) -> dict[str, str]:
     """Each check is "ok" or a short reason. Reasons never carry a driver's words (the check
     is open to anyone): the log has them."""
     checks = {"database": "ok", "schema": "ok", "worker": "ok", "mozrest": "ok"}
+    await _check_database(context, checks)
+    if context.worker is not None:
+        if context.worker.credentials_state != "ok":
+            checks["mozrest"] = CREDENTIALS_REJECTED
+        elif context.worker.circuit_state != "closed":
+            checks["mozrest"] = f"circuit {context.worker.circuit_state}: Mozrest is failing"
+    if checks["database"] == "ok" and checks["schema"] != "ok":
+        checks["worker"] = "unknown: no worker runs on a schema that is not right"
+    if checks["schema"] == "ok":
+        await _check_fleet(context, checks)
+    if context.worker is not None and context.worker.failure is not None:
+        checks["worker"] = "stopped after an internal error (worker.loop_failed): restarting"
+    return {
+        name: check if check == "ok" or check.endswith(DOCTOR_HINT) else check + DOCTOR_HINT
+        for name, check in checks.items()
+    }
+
+
+CREDENTIALS_REJECTED = "credentials rejected (401): check MOZREST_WEBHOOK_TOKEN"
+
+
+async def _check_database(context: AppContext, checks: dict[str, str]) -> None:
+    """`database` and `schema`: the database answers, at the schema this version needs."""
     try:
-        await asyncio.wait_for(runtime.store.ping(), timeout=2)
+        await asyncio.wait_for(context.store.ping(), timeout=2)
     except (StoreError, TimeoutError) as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
         log_event(log, logging.WARNING, "readyz.database_unreachable", error=reason[:300])
@@ -231,60 +177,48 @@ async def readiness_checks(runtime: Runtime) -> dict[str, str]:
             schema="unknown: the database is unreachable",
             worker="unknown: the database is unreachable",
         )
-    else:
-        try:
-            checks["schema"] = await schema_check(runtime)
-        except (StoreError, TimeoutError) as exc:
-            log_event(log, logging.WARNING, "readyz.schema_unknown", error=str(exc)[:300])
-            checks["schema"] = "unknown: the database did not answer" + DOCTOR_HINT
-    if runtime.worker is not None:
-        if runtime.worker.credentials_state != "ok":
-            checks["mozrest"] = "credentials rejected (401): check MOZREST_WEBHOOK_TOKEN"
-        elif runtime.worker.circuit_state != "closed":
-            checks["mozrest"] = f"circuit {runtime.worker.circuit_state}: Mozrest is failing"
-    if checks["database"] == "ok" and checks["schema"] != "ok":
-        checks["worker"] = "unknown: no worker runs on a schema that is not right"
-    if checks["schema"] == "ok":
-        try:
-            fleet = await asyncio.wait_for(
-                runtime.store.fleet_health(
-                    stale_after_seconds=3 * runtime.settings.relay_heartbeat_interval
-                ),
-                timeout=2,
-            )
-        except (StoreError, TimeoutError):
-            fleet = None
-        if fleet is None:
-            checks["worker"] = "unknown: the database did not answer"
-        else:
-            # Only a heartbeat in the database says a worker runs, this process's own included
-            # (it registers once the database first answers).
-            if fleet.live_workers == 0:
-                checks["worker"] = "no worker heartbeat recently"
-            if runtime.worker is None and checks["mozrest"] == "ok":
-                if fleet.credentials_rejected:
-                    checks["mozrest"] = "credentials rejected (401): check MOZREST_WEBHOOK_TOKEN"
-                elif fleet.circuit_open:
-                    checks["mozrest"] = "circuit open: Mozrest is failing"
-    if runtime.worker is not None and runtime.worker.failure is not None:
-        checks["worker"] = "stopped after an internal error (worker.loop_failed): restarting"
-    return {
-        name: check if check == "ok" or check.endswith(DOCTOR_HINT) else check + DOCTOR_HINT
-        for name, check in checks.items()
-    }
+        return
+    try:
+        checks["schema"] = await schema_check(context)
+    except (StoreError, TimeoutError) as exc:
+        log_event(log, logging.WARNING, "readyz.schema_unknown", error=str(exc)[:300])
+        checks["schema"] = "unknown: the database did not answer" + DOCTOR_HINT
 
 
-async def refresh_gauges(runtime: Runtime) -> None:
+async def _check_fleet(context: AppContext, checks: dict[str, str]) -> None:
+    """`worker` (and, in `api` alone, `mozrest`) from the processes' heartbeats."""
+    try:
+        fleet = await asyncio.wait_for(
+            context.store.fleet_health(
+                stale_after_seconds=3 * context.settings.relay_heartbeat_interval
+            ),
+            timeout=2,
+        )
+    except (StoreError, TimeoutError):
+        checks["worker"] = "unknown: the database did not answer"
+        return
+    # Only a heartbeat in the database says a worker runs, this process's own included (it
+    # registers once the database first answers).
+    if fleet.live_workers == 0:
+        checks["worker"] = "no worker heartbeat recently"
+    if context.worker is None and checks["mozrest"] == "ok":
+        if fleet.credentials_rejected:
+            checks["mozrest"] = CREDENTIALS_REJECTED
+        elif fleet.circuit_open:
+            checks["mozrest"] = "circuit open: Mozrest is failing"
+
+
+async def refresh_gauges(context: AppContext) -> None:
     """Set the relay-wide gauges from the database."""
-    stats = await runtime.store.gauges(
-        stale_after_seconds=3 * runtime.settings.relay_heartbeat_interval
+    stats = await context.store.gauges(
+        stale_after_seconds=3 * context.settings.relay_heartbeat_interval
     )
     for status, count in stats.deliveries.items():
         metrics.DELIVERIES.labels(status=status).set(count)
     metrics.OLDEST_PENDING_AGE.set(stats.oldest_pending_age_seconds or 0.0)
     metrics.LIVE_WORKERS.set(stats.live_workers)
     # This process's own worker knows its circuit before its next heartbeat says so.
-    own_circuit_open = runtime.worker is not None and runtime.worker.circuit_state != "closed"
+    own_circuit_open = context.worker is not None and context.worker.circuit_state != "closed"
     metrics.CIRCUIT_OPEN.set(1 if stats.circuit != "closed" or own_circuit_open else 0)
 
 
@@ -334,4 +268,4 @@ def serve(settings: Settings, *, with_worker: bool) -> None:
         raise SystemExit(1)
 
 
-__all__ = ["Runtime", "create_app", "serve"]
+__all__ = ["AppContext", "create_app", "serve"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
@@ -70,9 +70,10 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if isinstance(value, str):  # raw SQLite text, e.g. from a server default
             value = datetime.fromisoformat(value)
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        moment: datetime = value
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC)
 
 
 class utcnow(FunctionElement[datetime]):
@@ -257,16 +258,18 @@ class StoreError(Exception):
 
 
 #: SQLSTATE classes that say the database cannot serve now, whatever was asked: a lost
-#: connection (08), a rolled-back transaction (40: deadlock, serialisation), no resources (53),
-#: an operator's intervention (57: shutdown, a cancelled statement), a system error (58).
-_OUTAGE_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+#: connection (08), refused credentials (28), no such database (3D), a rolled-back transaction
+#: (40: deadlock, serialisation), no resources (53), an operator's intervention (57: shutdown, a
+#: cancelled statement), a system error (58).
+_OUTAGE_SQLSTATE_CLASSES = frozenset({"08", "28", "3D", "40", "53", "57", "58"})
 #: And single SQLSTATEs: lock_not_available (55P03, `lock_timeout`), and
 #: idle_in_transaction_session_timeout (25P03).
 _OUTAGE_SQLSTATES = frozenset({"55P03", "25P03"})
-#: MySQL/MariaDB error numbers of the same kind: lock wait timeout, deadlock, the connection
-#: gone or killed (including by `idle_transaction_timeout`), too many connections, read-only.
+#: MySQL/MariaDB error numbers of the same kind: access denied, no such database, lock wait
+#: timeout, deadlock, the connection gone or killed (including by `idle_transaction_timeout`),
+#: too many connections, read-only.
 _OUTAGE_MYSQL_ERRORS = frozenset(
-    {1040, 1053, 1205, 1213, 1290, 1317, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
+    {1040, 1044, 1045, 1049, 1053, 1205, 1213, 1290, 1317, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
 )
 
 
@@ -294,7 +297,7 @@ def is_outage(exc: BaseException) -> bool:
     return False
 
 
-def translate_errors(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+def translate_errors(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Turn database outages into `StoreError` at the store's boundary (`is_outage`). Anything
     else (a constraint, a value the database refuses, a bug) passes through as it is: retrying
     the same work would fail the same way."""

@@ -9,6 +9,7 @@ import calendar
 import enum
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_tz
@@ -108,6 +109,58 @@ def decide(new: State, booking: BookingView, send_statuses: frozenset[str]) -> D
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """One active delivery of a booking, as the lease rule sees it."""
+
+    outbox_id: int
+    status: str
+    """The status of the state it carries."""
+    leased: bool
+    """A request for it is on the wire, or about to be."""
+    due: bool
+    """Its next attempt time has come."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeasePlan:
+    """What a claim does with one booking's waiting deliveries (indexes into them)."""
+
+    lease: int | None = None
+    supersede: tuple[int, ...] = ()
+    hold: int | None = None
+
+
+def plan_lease(
+    waiting: Sequence[Waiting],
+    *,
+    quiet: bool,
+    sent_outbox_id: int | None,
+    reached_send_status: bool,
+) -> LeasePlan:
+    """Which of a booking's waiting deliveries (oldest state first) may be leased now; the one
+    rule behind both `claim_due` and ingest's leasing (docs/adr/0002-claims-and-leases.md).
+
+    One request per booking at a time, and none while an unanswered one may still land
+    (`quiet`); only the newest state goes, older ones are superseded, and so is a newest older
+    than a state already sent; a booking never sent is first sent only as `may_send_first`
+    allows (a state queued behind a claim given back unsent may have to be held).
+    """
+    if not waiting or quiet or any(w.leased for w in waiting):
+        return LeasePlan()
+    newest = len(waiting) - 1
+    older = tuple(range(newest))
+    if sent_outbox_id is not None and waiting[newest].outbox_id < sent_outbox_id:
+        return LeasePlan(supersede=(*older, newest))
+    if not waiting[newest].due:
+        return LeasePlan(supersede=older)
+    if sent_outbox_id is None and not may_send_first(
+        waiting[newest].status, reached_send_status=reached_send_status
+    ):
+        return LeasePlan(supersede=older, hold=newest)
+    return LeasePlan(lease=newest, supersede=older)
+
+
 def _unknown_status(state: State, send_statuses: frozenset[str]) -> str | None:
     status = state["status"]
     if status in send_statuses or status in KNOWN_STATUSES:
@@ -155,7 +208,7 @@ class Settlement:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter, capped, honouring `Retry-After`, bounded by
+    """Exponential backoff with equal jitter, capped, honouring `Retry-After`, bounded by
     `max_age_seconds` from the delivery's creation (or its operator's last requeue)."""
 
     base_delay_seconds: float = 1.0
@@ -174,7 +227,8 @@ class RetryPolicy:
         """Seconds to wait before attempt `attempt + 1`, after `attempt` failed ones (>= 1)."""
         exponent = min(max(attempt - 1, 0), 62)  # 2**63 s is past any cap; no float overflow
         ceiling = min(self.max_delay_seconds, self.base_delay_seconds * 2**exponent)
-        # Full jitter spreads a fleet's retries; the floor of half keeps the schedule readable.
+        # Equal jitter (uniform in [ceiling/2, ceiling]) spreads a fleet's retries; the floor of
+        # half keeps the schedule readable.
         delay = (rng or random).uniform(ceiling / 2, ceiling)
         if retry_after_seconds is not None:
             delay = max(delay, retry_after_seconds)
@@ -229,6 +283,19 @@ class RetryPolicy:
             # Unanswered: the request may still land until its lease ends; never overlap it.
             next_at = max(next_at, lease_expires_at)
         return Settlement("retrying", next_attempt_at=next_at)
+
+
+@dataclass(frozen=True, slots=True)
+class OutageBackoff:
+    """How a worker rides out a database outage: random exponential waits between tries of the
+    same work (tenacity's `wait_random_exponential`), `multiplier` seconds growing to at most
+    `max_seconds`."""
+
+    multiplier: float = 0.1
+    max_seconds: float = 5.0
+
+
+OUTAGE_BACKOFF = OutageBackoff()
 
 
 #: A `Retry-After` is read as at most this: any deadline is far shorter, and arithmetic on the

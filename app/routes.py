@@ -1,7 +1,7 @@
 """The operators' `/api/*` routes; `api.py` mounts them behind the admin token.
 
 Lists are newest first, one keyset page at a time: the cursor is an opaque token naming the last
-id answered, and the next page is the rows below it (`app.store_admin`).
+id answered, and the next page is the rows below it (`app.store.admin`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import AfterValidator
 
-from app.api import Runtime, RuntimeDep
+from app.deps import AppContext, ContextDep
 from app.logs import get_logger, log_event
 from app.publisher import PartnerApiError
 from app.schemas import (
@@ -45,7 +45,7 @@ from app.schemas import (
     WorkerProcess,
     storable_text,
 )
-from app.store_admin import NotFoundError
+from app.store import NotFoundError
 
 log = get_logger("api")
 
@@ -208,14 +208,14 @@ def _page(kind: str, rows: list[dict[str, Any]], limit: int) -> tuple[list[Any],
 
 @router.get("/deliveries", tags=["deliveries"], summary="List deliveries, newest first")
 async def list_deliveries(
-    runtime: RuntimeDep,
+    context: ContextDep,
     cursor: DeliveryCursor,
     status: Annotated[DeliveryStatus | None, Query(description="Only this status.")] = None,
     venue_id: VenueFilter = None,
     booking_id: BookingFilter = None,
     limit: Limit = DEFAULT_PAGE_SIZE,
 ) -> DeliveryPage:
-    rows = await runtime.store.list_deliveries(
+    rows = await context.store.list_deliveries(
         status=status, venue_id=venue_id, booking_id=booking_id, before_id=cursor, limit=limit + 1
     )
     items, next_cursor = _page("delivery", rows, limit)
@@ -230,8 +230,8 @@ async def list_deliveries(
     "written since (so of several dead deliveries of one booking only the newest goes). Works "
     "in short transactions, so it is safe on a large backlog after an outage.",
 )
-async def requeue_deliveries(body: RequeueRequest, runtime: RuntimeDep) -> RequeueResult:
-    requeued = await runtime.store.requeue_deliveries(
+async def requeue_deliveries(body: RequeueRequest, context: ContextDep) -> RequeueResult:
+    requeued = await context.store.requeue_deliveries(
         status=body.status,
         venue_id=body.venue_id,
         created_since=body.since,
@@ -264,8 +264,8 @@ async def requeue_deliveries_wrong_method() -> None:
     summary="One delivery with its payload and attempts",
     responses=NOT_FOUND,
 )
-async def get_delivery(delivery_id: DeliveryId, runtime: RuntimeDep) -> DeliveryDetail:
-    row, attempts = await runtime.store.get_delivery(delivery_id)
+async def get_delivery(delivery_id: DeliveryId, context: ContextDep) -> DeliveryDetail:
+    row, attempts = await context.store.get_delivery(delivery_id)
     return DeliveryDetail(**row, attempts=[Attempt(**a) for a in attempts])
 
 
@@ -277,8 +277,8 @@ async def get_delivery(delivery_id: DeliveryId, runtime: RuntimeDep) -> Delivery
     "if the delivery is in another status.",
     responses={**NOT_FOUND, **CONFLICT},
 )
-async def requeue_delivery(delivery_id: DeliveryId, runtime: RuntimeDep) -> Delivery:
-    row = await runtime.store.requeue_delivery(delivery_id)  # 404 and 409 by the app's handlers
+async def requeue_delivery(delivery_id: DeliveryId, context: ContextDep) -> Delivery:
+    row = await context.store.requeue_delivery(delivery_id)  # 404 and 409 by the app's handlers
     log_event(
         log,
         logging.INFO,
@@ -296,8 +296,8 @@ async def requeue_delivery(delivery_id: DeliveryId, runtime: RuntimeDep) -> Deli
     description="409 if it is in another status, or on the wire right now (try again shortly).",
     responses={**NOT_FOUND, **CONFLICT},
 )
-async def cancel_delivery(delivery_id: DeliveryId, runtime: RuntimeDep) -> Delivery:
-    row = await runtime.store.cancel_delivery(delivery_id)  # 404 and 409 by the app's handlers
+async def cancel_delivery(delivery_id: DeliveryId, context: ContextDep) -> Delivery:
+    row = await context.store.cancel_delivery(delivery_id)  # 404 and 409 by the app's handlers
     log_event(
         log,
         logging.INFO,
@@ -317,9 +317,9 @@ async def cancel_delivery(delivery_id: DeliveryId, runtime: RuntimeDep) -> Deliv
     summary="A booking's last accepted state and its deliveries",
     responses=NOT_FOUND,
 )
-async def get_booking(booking_id: BookingKey, runtime: RuntimeDep) -> Booking:
+async def get_booking(booking_id: BookingKey, context: ContextDep) -> Booking:
     try:
-        record = await runtime.store.get_booking(booking_id)
+        record = await context.store.get_booking(booking_id)
     except NotFoundError:
         raise HTTPException(
             404,
@@ -343,7 +343,7 @@ async def get_booking(booking_id: BookingKey, runtime: RuntimeDep) -> Booking:
 
 @router.get("/outbox", tags=["outbox"], summary="List outbox rows, newest first")
 async def list_outbox(
-    runtime: RuntimeDep,
+    context: ContextDep,
     cursor: OutboxCursor,
     outcome: Annotated[
         OutboxFilter | None,
@@ -352,7 +352,7 @@ async def list_outbox(
     booking_id: BookingFilter = None,
     limit: Limit = DEFAULT_PAGE_SIZE,
 ) -> OutboxPage:
-    rows = await runtime.store.list_outbox(
+    rows = await context.store.list_outbox(
         outcome=None if outcome == "unprocessed" else outcome,
         unprocessed=outcome == "unprocessed",
         booking_id=booking_id,
@@ -367,12 +367,12 @@ async def list_outbox(
 
 
 @router.get("/stats", tags=["relay"], summary="Relay-wide counts, circuit and credentials")
-async def get_stats(runtime: RuntimeDep) -> Stats:
-    gauges = await runtime.store.gauges(
-        stale_after_seconds=3 * runtime.settings.relay_heartbeat_interval
+async def get_stats(context: ContextDep) -> Stats:
+    gauges = await context.store.gauges(
+        stale_after_seconds=3 * context.settings.relay_heartbeat_interval
     )
     circuit, credentials = gauges.circuit, gauges.credentials
-    worker = runtime.worker
+    worker = context.worker
     # This process's own worker knows its state before its next heartbeat says so.
     if worker is not None and worker.circuit_state != "closed":
         circuit = worker.circuit_state
@@ -390,9 +390,9 @@ async def get_stats(runtime: RuntimeDep) -> Stats:
 
 
 @router.get("/workers", tags=["relay"], summary="Relay processes seen recently")
-async def list_workers(runtime: RuntimeDep) -> WorkerList:
-    rows = await runtime.store.list_workers(
-        seen_within_seconds=WORKER_SEEN_HEARTBEATS * runtime.settings.relay_heartbeat_interval
+async def list_workers(context: ContextDep) -> WorkerList:
+    rows = await context.store.list_workers(
+        seen_within_seconds=WORKER_SEEN_HEARTBEATS * context.settings.relay_heartbeat_interval
     )
     return WorkerList(items=[WorkerProcess(**row) for row in rows])
 
@@ -424,15 +424,15 @@ class PosTablesCache:
             self._answers.popitem(last=False)
 
 
-async def _pos_tables(request: Request, runtime: Runtime, venue_id: str) -> PosTables:
+async def _pos_tables(request: Request, context: AppContext, venue_id: str) -> PosTables:
     cache: PosTablesCache | None = getattr(request.app.state, "pos_tables_cache", None)
     if cache is None:
-        cache = PosTablesCache(ttl_seconds=runtime.settings.relay_pos_tables_cache)
+        cache = PosTablesCache(ttl_seconds=context.settings.relay_pos_tables_cache)
         request.app.state.pos_tables_cache = cache
     answer = cache.get(venue_id)
     if answer is None:
         try:
-            answer = await runtime.partner_api.pos_tables(venue_id)
+            answer = await context.partner_api.pos_tables(venue_id)
         except PartnerApiError as exc:
             raise HTTPException(
                 502, f"Mozrest's POS tables for venue {venue_id!r}: {exc}"
@@ -447,8 +447,8 @@ async def _pos_tables(request: Request, runtime: Runtime, venue_id: str) -> PosT
     summary="The venue's POS tables, from Mozrest (cached briefly)",
     responses=MOZREST_FAILED,
 )
-async def get_pos_tables(venue_id: VenueKey, request: Request, runtime: RuntimeDep) -> PosTables:
-    return await _pos_tables(request, runtime, venue_id)
+async def get_pos_tables(venue_id: VenueKey, request: Request, context: ContextDep) -> PosTables:
+    return await _pos_tables(request, context, venue_id)
 
 
 def _normalised(name: str) -> str:
@@ -494,10 +494,10 @@ def match_tables(
     responses=MOZREST_FAILED,
 )
 async def get_table_matching(
-    venue_id: VenueKey, request: Request, runtime: RuntimeDep
+    venue_id: VenueKey, request: Request, context: ContextDep
 ) -> TableMatching:
-    pos = await _pos_tables(request, runtime, venue_id)
-    rms_table_ids = await runtime.store.recent_table_ids(venue_id)
+    pos = await _pos_tables(request, context, venue_id)
+    rms_table_ids = await context.store.recent_table_ids(venue_id)
     return match_tables(venue_id, rms_table_ids, pos.tables)
 
 

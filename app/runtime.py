@@ -10,7 +10,8 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
@@ -199,25 +200,49 @@ def build_worker(settings: Settings, store: Store) -> Worker:
     return worker
 
 
-async def run_worker(settings: Settings) -> None:
-    """`mozrest-relay worker`: the worker alone, until SIGTERM or SIGINT."""
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """One process's parts, built from its settings (`assemble`)."""
+
+    settings: Settings
+    engine: AsyncEngine
+    store: Store
+    worker: Worker | None
+    """The worker, for `run` and `worker`; None for `api` alone."""
+
+
+@contextlib.asynccontextmanager
+async def assemble(settings: Settings, *, with_worker: bool) -> AsyncIterator[Parts]:
+    """Build the parts every command runs (`run`, `api`, `worker`), and close them afterwards:
+    the one start-up and shutdown path. The worker is built here but run by the caller, which
+    stops it before leaving (its NOTIFY listener, if any, is stopped here)."""
     engine = build_engine(settings)
-    store = build_store(settings, engine)
-    worker = build_worker(settings, store)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, worker.stop)
-    listener = await start_listener(settings, worker)
-    freeze_startup_objects()
+    listener: asyncio.Task[None] | None = None
+    worker: Worker | None = None
     try:
-        await worker.run()
+        store = build_store(settings, engine)
+        if with_worker:
+            worker = build_worker(settings, store)
+            listener = await start_listener(settings, worker)
+        freeze_startup_objects()
+        yield Parts(settings=settings, engine=engine, store=store, worker=worker)
     finally:
         if listener is not None:
             listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
-        await worker.publisher.aclose()
+            await asyncio.gather(listener, return_exceptions=True)
+        if worker is not None:
+            await worker.publisher.aclose()
         await engine.dispose()
+
+
+async def run_worker(settings: Settings) -> None:
+    """`mozrest-relay worker`: the worker alone, until SIGTERM or SIGINT."""
+    async with assemble(settings, with_worker=True) as parts:
+        assert parts.worker is not None
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, parts.worker.stop)
+        await parts.worker.run()
 
 
 async def start_listener(settings: Settings, worker: Worker) -> asyncio.Task[None] | None:

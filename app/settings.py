@@ -152,7 +152,7 @@ class Settings(BaseSettings):
         10.0, description="Deadline for one webhook request, connect to last byte."
     )
     relay_retry_base_delay: Duration = Field(
-        1.0, description="First retry delay; doubles each attempt, with full jitter."
+        1.0, description="First retry delay; doubles each attempt, with equal jitter."
     )
     relay_retry_max_delay: Duration = Field(300.0, description="Longest delay between retries.")
     relay_circuit_threshold: int = Field(

@@ -36,24 +36,27 @@ from sqlalchemy import event
 
 import app.db
 import app.runtime
-from app import store as store_module
-from app import worker as worker_module
+from app import slots as slots_module
 from app.logs import configure_logging
 from app.runtime import run_worker
 from app.settings import load_settings
+from app.store import dispatch as store_dispatch
+from app.store import ingest as store_ingest
+from app.store import outcomes as store_outcomes
 
 STATS: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0, 0.0])
 COUNTS: collections.Counter[str] = collections.Counter()
 
 
 def _instrument_store() -> None:
+    # The store's concerns, as the `Store` facade delegates to them.
     sizes = {
-        "ingest": lambda r: r.rows if r else 0,
-        "claim_due": len,
-        "record": len,
+        "ingest": (store_ingest.Ingest, "run", lambda r: r.rows if r else 0),
+        "claim_due": (store_dispatch.Dispatch, "claim_due", len),
+        "record": (store_outcomes.Outcomes, "record", len),
     }
-    for name, size in sizes.items():
-        original = getattr(store_module.Store, name)
+    for name, (owner, attribute, size) in sizes.items():
+        original = getattr(owner, attribute)
 
         def make(original: Any = original, name: str = name, size: Any = size) -> Any:
             async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -67,7 +70,7 @@ def _instrument_store() -> None:
 
             return wrapper
 
-        setattr(store_module.Store, name, make())
+        setattr(owner, attribute, make())
 
 
 def _instrument_engine(no_pre_ping: bool) -> None:
@@ -92,27 +95,26 @@ def _instrument_engine(no_pre_ping: bool) -> None:
     app.runtime.create_engine = create_engine  # type: ignore[attr-defined]
 
 
-def _claim_ahead() -> None:
-    def free_slots(self: Any) -> tuple[int, bool]:
-        if self.circuit.closed and self.credentials.closed:
-            return self.config.batch_size - len(self._in_flight), False
-        return original(self)
+def _claim_ahead(batch_size: int) -> None:
+    """Let dispatch claim a whole batch beyond the request slots."""
 
-    original = worker_module.Worker._free_slots
-    worker_module.Worker._free_slots = free_slots  # type: ignore[method-assign]
+    def free(self: Any) -> int:
+        return max(0, batch_size - len(self.in_flight))
+
+    slots_module.RequestSlots.free = free  # type: ignore[method-assign]
 
 
 def _analyze_on_burst(every_rows: int = 5000) -> None:
-    original = store_module.Store.ingest
+    original = store_ingest.Ingest.run
     state = {"since": 0}
 
     async def ingest(self: Any, *args: Any, **kwargs: Any) -> Any:
         report = await original(self, *args, **kwargs)
-        if report is not None and report.rows and self.dialect == "postgresql":
+        if report is not None and report.rows and self.tools.dialect == "postgresql":
             state["since"] += report.rows
             if state["since"] >= every_rows:
                 state["since"] = 0
-                async with self.engine.connect() as conn:
+                async with self.tools.engine.connect() as conn:
                     await conn.exec_driver_sql(
                         "ANALYZE mozrest_outbox, mozrest_delivery, mozrest_booking"
                     )
@@ -120,7 +122,7 @@ def _analyze_on_burst(every_rows: int = 5000) -> None:
                 COUNTS["analyzes"] += 1
         return report
 
-    store_module.Store.ingest = ingest  # type: ignore[method-assign]
+    store_ingest.Ingest.run = ingest  # type: ignore[method-assign]
 
 
 def _quiet() -> None:
@@ -159,11 +161,11 @@ def main() -> int:
     args = parser.parse_args()
     _instrument_store()
     _instrument_engine("no-pre-ping" in args.variant)
+    settings = load_settings()
     if "claim-ahead" in args.variant:
-        _claim_ahead()
+        _claim_ahead(settings.relay_batch_size)
     if "analyze" in args.variant:
         _analyze_on_burst()
-    settings = load_settings()
     settings.check_can_send()
     configure_logging(level=settings.relay_log_level, fmt=settings.relay_log_format)
     if "quiet" in args.variant:

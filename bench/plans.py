@@ -104,7 +104,15 @@ T = TypeVar("T")
 
 def source_digests() -> dict[str, str]:
     """The relay's code this process imported (others edit it meanwhile): a digest per file."""
-    paths = ("app/store.py", "app/models.py", "app/db.py", "migrations/versions/0001_initial.py")
+    paths = [
+        *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "app" / "store").glob("*.py"))),
+        "app/models.py",
+        "app/db.py",
+        *(
+            str(p.relative_to(ROOT))
+            for p in sorted((ROOT / "migrations" / "versions").glob("0*.py"))
+        ),
+    ]
     return {p: hashlib.sha256((ROOT / p).read_bytes()).hexdigest()[:16] for p in paths}
 
 
@@ -302,22 +310,29 @@ class Capture:
 
 class RehearsalStore(Store):
     """The relay's store; while `rehearse` is set, a method's transaction is rolled back instead
-    of committed. Nothing else differs: the same methods send the same SQL."""
+    of committed. Nothing else differs: the same methods send the same SQL (every part of the
+    store writes through the one `Toolkit.write`)."""
 
     rehearse = False
 
-    @contextlib.asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        if not self.rehearse:
-            async with super()._write() as conn:
-                yield conn
-            return
-        async with self.engine.connect() as conn:
-            transaction = await conn.begin()
-            try:
-                yield conn
-            finally:
-                await transaction.rollback()
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        committing = self.tools.write
+
+        @contextlib.asynccontextmanager
+        async def write() -> AsyncIterator[AsyncConnection]:
+            if not self.rehearse:
+                async with committing() as conn:
+                    yield conn
+                return
+            async with self.engine.connect() as conn:
+                transaction = await conn.begin()
+                try:
+                    yield conn
+                finally:
+                    await transaction.rollback()
+
+        self.tools.write = write  # type: ignore[method-assign]
 
 
 async def relay_session_settings(engine: AsyncEngine) -> dict[str, str]:

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
@@ -190,7 +190,40 @@ def mysql() -> Iterator[MysqlDatabases | None]:
         databases.close()
 
 
+class SqliteDatabases:
+    """Creates database files, migrated ones as copies of one migrated template."""
+
+    def __init__(self, template: Path, folder: Path) -> None:
+        self.template = template
+        self.folder = folder
+
+    def create(self, *, migrated: bool = True) -> str:
+        path = self.folder / f"relay-{uuid.uuid4().hex[:8]}.db"
+        if migrated:
+            path.write_bytes(self.template.read_bytes())
+        return str(path)
+
+    def url(self, name: str) -> str:
+        return f"sqlite+aiosqlite:///{name}"
+
+    def drop(self, name: str) -> None:
+        Path(name).unlink(missing_ok=True)
+
+
+class Databases(Protocol):
+    """What each backend's fixture object does: fresh databases, their URLs, their removal."""
+
+    def create(self, *, migrated: bool = True) -> str: ...
+    def url(self, name: str) -> str: ...
+    def drop(self, name: str) -> None: ...
+
+
 BACKENDS = ["sqlite", "postgresql"] + (["mysql"] if os.environ.get("TEST_MYSQL") == "1" else [])
+#: Why a backend's tests are skipped when its server is not there.
+_SKIP_REASONS = {
+    "postgresql": "PostgreSQL is not available (set TEST_DATABASE_URL)",
+    "mysql": "MariaDB tests are off (set TEST_MYSQL=1)",
+}
 
 
 @pytest.fixture(params=BACKENDS)
@@ -199,36 +232,26 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def database_url(
-    backend: str,
-    request: pytest.FixtureRequest,
-    sqlite_template: Path,
-    tmp_path: Path,
-) -> Iterator[str]:
-    """A fresh database at the newest schema, on each backend."""
-    if backend == "mysql":
-        databases: MysqlDatabases | None = request.getfixturevalue("mysql")
-        if databases is None:
-            pytest.skip("MariaDB tests are off (set TEST_MYSQL=1)")
-        name = databases.create()
-        try:
-            yield databases.url(name)
-        finally:
-            databases.drop(name)
-        return
-    postgres: PostgresDatabases | None = request.getfixturevalue("postgres")
+def databases(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Databases:
+    """The backend's database maker (skips the test when its server is not there)."""
     if backend == "sqlite":
-        path = tmp_path / "relay.db"
-        path.write_bytes(sqlite_template.read_bytes())
-        yield f"sqlite+aiosqlite:///{path}"
-        return
-    if postgres is None:
-        pytest.skip("PostgreSQL is not available (set TEST_DATABASE_URL)")
-    name = postgres.create()
+        return SqliteDatabases(request.getfixturevalue("sqlite_template"), tmp_path)
+    found: Databases | None = request.getfixturevalue(
+        "postgres" if backend == "postgresql" else "mysql"
+    )
+    if found is None:
+        pytest.skip(_SKIP_REASONS[backend])
+    return found
+
+
+@pytest.fixture
+def database_url(databases: Databases) -> Iterator[str]:
+    """A fresh database at the newest schema, on each backend."""
+    name = databases.create()
     try:
-        yield postgres.url(name)
+        yield databases.url(name)
     finally:
-        postgres.drop(name)
+        databases.drop(name)
 
 
 @pytest.fixture

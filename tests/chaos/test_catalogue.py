@@ -266,8 +266,8 @@ def test_the_catalogue(launcher: Launcher, database_url: str, backend: str) -> N
     for booking_id, state in delivered.items():
         got = held.get(booking_id)
         if got is None:
-            outcome = [outcomes[r.id] for r in rows if r.booking_id == booking_id]
-            wrong.append(f"{booking_id[:40]!r} never delivered; outbox says {outcome}"[:400])
+            said = [outcomes[r.id] for r in rows if r.booking_id == booking_id]
+            wrong.append(f"{booking_id[:40]!r} never delivered; outbox says {said}"[:400])
         elif exact(got["state"]) != exact(parse_state(state)):
             wrong.append(f"{booking_id[:40]!r} arrived altered: {got['state']!r:.300}")
     assert not wrong, f"{len(wrong)} rows mishandled on {backend}:\n" + "\n".join(wrong)

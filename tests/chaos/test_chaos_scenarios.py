@@ -117,7 +117,7 @@ def test_the_smallest_lease_the_settings_allow_still_sends(
         wait_settled(rms, timeout=8, what="one seated booking to be delivered")
     finally:
         rms.close()
-    assert receiver.bookings()[SEATED["bookingId"]]["state"] == SEATED
+    assert receiver.bookings()[str(SEATED["bookingId"])]["state"] == SEATED
 
 
 @pytest.mark.parametrize("backend", ["postgresql"])

@@ -307,7 +307,7 @@ async def _read_request(reader: asyncio.StreamReader) -> bytes | None:
         name, _, value = line.partition(b":")
         headers[name.strip().lower()] = value.strip()
     if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
             chunk = await reader.readexactly(size + 2)

@@ -172,7 +172,8 @@ class Relay:
         assert self.engine is not None
         with self.engine.begin() as conn:
             conn.execute(outbox_insert(payload))
-            return int(conn.execute(select(outbox.c.id).order_by(outbox.c.id.desc())).scalar())
+            newest = select(outbox.c.id).order_by(outbox.c.id.desc()).limit(1)
+            return int(conn.execute(newest).scalar_one())
 
     def write_raw(self, booking_id: str, venue_id: str, payload: str | bytes) -> int | None:
         """One row with exactly this payload (JSON text, or raw bytes on SQLite), as an RMS

@@ -175,10 +175,8 @@ def answers(draw: st.DrawFn) -> Answer:
         ),
         headers=tuple(headers),
         body=draw(bodies),
-        kind=draw(
-            st.sampled_from(["answer"] * 6 + ["reset", "truncated", "stall", "close"])  # type: ignore[arg-type]
-        ),
-        framing=draw(st.sampled_from(["length", "chunked", "until-close"])),  # type: ignore[arg-type]
+        kind=draw(st.sampled_from(["answer"] * 6 + ["reset", "truncated", "stall", "close"])),
+        framing=draw(st.sampled_from(["length", "chunked", "until-close"])),
         interim=tuple(draw(st.lists(st.sampled_from([100, 102, 103, 150, 199]), max_size=2))),
         reason=draw(st.sampled_from([b"Whatever", b"", "Ça va".encode(), b"\xff\xfe"])),
     )

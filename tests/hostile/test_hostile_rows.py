@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +71,7 @@ class Row:
 #: Text as guests and staff type it: any script, emoji, right-to-left marks, control characters
 #: other than NUL, never a lone surrogate (those are hostile rows, below).
 guest_text = st.text(
-    alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=30
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=30
 )
 awkward_text = st.one_of(
     guest_text,
@@ -351,10 +352,11 @@ def test_rows_no_column_can_echo_are_invalid_and_stall_nothing(relay: Relay) -> 
     finding 7; PostgreSQL's jsonb refuses both at insert)."""
     relay.begin_example()
     rows: list[Row] = []
-    for what, payload in [
+    payloads: list[tuple[str, Callable[[str], str | bytes]]] = [
         ("a lone surrogate key", lambda i: hostile_text({**state(i), "\ud800": 1})),
         ("X'fffe'", lambda i: b"\xff\xfe"),
-    ]:
+    ]
+    for what, payload in payloads:
         booking_id = relay.new_id("echo")
         rows += [
             Row(booking_id, "venue-rows", payload(booking_id), "", what),

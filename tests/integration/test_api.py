@@ -27,6 +27,7 @@ from app.policy import Verdict
 from app.routes import decode_cursor, encode_cursor
 from app.settings import load_settings
 from app.store import AttemptResult, Store, WorkerInfo
+from tests import factories
 from tests.conftest import Launcher, PostgresDatabases, Process, free_port, wait_http
 
 ADMIN_TOKEN = "adm-secret"
@@ -61,16 +62,8 @@ UTC_ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00$")
 
 
 def state(booking_id: str, *, venue_id: str = "v1", **changes: Any) -> dict[str, Any]:
-    """A valid seated booking state with `changes` applied."""
-    return {
-        "bookingId": booking_id,
-        "venueId": venue_id,
-        "partySize": 2,
-        "status": "seated",
-        "tables": ["T1"],
-        "date": 1639578600,
-        **changes,
-    }
+    """A valid seated state at this module's venue `v1`."""
+    return factories.state(booking_id, venue_id=venue_id, **changes)
 
 
 @dataclass
@@ -146,7 +139,7 @@ async def running_api(database_url: str, **overrides: Any) -> AsyncIterator[Api]
         async with httpx.AsyncClient(
             transport=transport, base_url="http://relay", headers=AUTH
         ) as client:
-            yield Api(app=app, client=client, store=app.state.runtime.store)
+            yield Api(app=app, client=client, store=app.state.context.store)
 
 
 @pytest.fixture
@@ -159,7 +152,7 @@ def api_requests(app: FastAPI) -> list[tuple[str, str]]:
     """(method, path) for every documented `/api` route with sample parameters, plus unknown
     ones."""
     samples = {"{delivery_id}": "1", "{booking_id}": "b1", "{venue_id}": "v1"}
-    requests = []
+    requests: list[tuple[str, str]] = []
     for path, operations in app.openapi()["paths"].items():
         if not path.startswith("/api/"):
             continue
@@ -339,7 +332,7 @@ async def test_list_parameters_are_validated(api: Api) -> None:
     page = (await api.client.get("/api/deliveries", params={"limit": 1})).json()
     assert page["next_cursor"] is not None
     outbox_page = (await api.client.get("/api/outbox", params={"limit": 1})).json()
-    for path, params in [
+    cases: list[tuple[str, dict[str, Any]]] = [
         ("/api/deliveries", {"limit": 501}),
         ("/api/deliveries", {"limit": 0}),
         ("/api/deliveries", {"limit": "ten"}),
@@ -360,7 +353,8 @@ async def test_list_parameters_are_validated(api: Api) -> None:
         ("/api/bookings/a%00b", {}),
         ("/api/venues/a:b/pos-tables", {}),
         ("/api/venues/.hidden/table-matching", {}),
-    ]:
+    ]
+    for path, params in cases:
         response = await api.client.get(path, params=params)
         assert response.status_code == 422, (path, params, response.text)
         assert isinstance(response.json()["detail"], list)

@@ -146,9 +146,9 @@ def test_a_closed_port_is_one_line_for_every_command(tmp_path: Path) -> None:
     """migrate, enqueue, run, worker and api against a port nobody listens on: one line naming
     DATABASE_URL, exit 3."""
     url = closed_port_url()
-    loopback = {"MOZREST_WEBHOOK_URL": "http://127.0.0.1:9/rms"}
+    loopback = "http://127.0.0.1:9/rms"
     for args in (["migrate"], ["enqueue", str(EXAMPLE)], ["run"], ["worker"], ["api"]):
-        result = relay(*args, cwd=tmp_path, DATABASE_URL=url, **loopback)
+        result = relay(*args, cwd=tmp_path, DATABASE_URL=url, MOZREST_WEBHOOK_URL=loopback)
         line = one_error_line(result, "DATABASE_URL", "Connection refused")
         assert result.returncode == 3, (args, line)
 

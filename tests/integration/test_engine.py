@@ -34,6 +34,7 @@ from app.settings import Settings
 from app.store import Store, StoreError
 from app.worker import Worker, WorkerFailed
 from tests.conftest import eventually, free_port
+from tests.factories import state
 
 TOKEN = "test-token"
 #: Fast settings for every test: polls, backoff and cool-downs in milliseconds.
@@ -68,19 +69,6 @@ CONTACT = {
     "locale": "en",
 }
 ITEMS = [{"sku": "PIZZA-001", "quantity": 2}, {"sku": "WINE-012", "quantity": 1, "notes": "no ice"}]
-
-
-def state(booking_id: str, *, venue_id: str = "venue-1", **changes: Any) -> dict[str, Any]:
-    """A valid booking state in the webhook's shape, with `changes` applied."""
-    return {
-        "bookingId": booking_id,
-        "venueId": venue_id,
-        "partySize": 2,
-        "status": "seated",
-        "tables": ["T1"],
-        "date": 1639578600,
-        **changes,
-    }
 
 
 class EmulatorServer:
@@ -979,7 +967,7 @@ async def test_a_loop_that_dies_of_a_bug_stops_the_worker_and_loses_nothing(
     async def broken_record(*args: Any, **kwargs: Any) -> Any:
         raise TypeError("simulated bug while recording")
 
-    store.record = broken_record  # type: ignore[method-assign]
+    store.record = broken_record
     worker = build_worker(settings, store)
     payload = state("bk-bug")
     (outbox_id,) = await relay.insert(payload)
@@ -1009,8 +997,8 @@ async def test_a_worker_stopped_during_a_database_outage_stops_cleanly(relay: Re
     async def unreachable(*args: Any, **kwargs: Any) -> Any:
         raise StoreError("database unreachable: connection refused")
 
-    store.ingest = unreachable  # type: ignore[method-assign]
-    store.claim_due = unreachable  # type: ignore[method-assign]
+    store.ingest = unreachable
+    store.claim_due = unreachable
     worker = build_worker(settings, store)
     task = asyncio.create_task(worker.run())
     await asyncio.sleep(0.5)  # the loops are retrying

@@ -26,6 +26,7 @@ from app.settings import Settings
 from app.store import Store
 from app.worker import Worker
 from tests.conftest import eventually
+from tests.factories import state
 
 TOKEN = "test-token"
 FAST: dict[str, Any] = {
@@ -47,18 +48,6 @@ def answer(status: int, body: bytes = b"", *headers: str) -> bytes:
     """One raw HTTP/1.1 answer with exactly these headers and body bytes."""
     head = [f"HTTP/1.1 {status} X", f"Content-Length: {len(body)}", *headers]
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-
-
-def state(booking_id: str, **changes: Any) -> dict[str, Any]:
-    return {
-        "bookingId": booking_id,
-        "venueId": "venue-1",
-        "partySize": 2,
-        "status": "seated",
-        "tables": ["T1"],
-        "date": 1639578600,
-        **changes,
-    }
 
 
 @dataclass

@@ -25,21 +25,9 @@ from app.db import READ_ONLY
 from app.models import attempt, delivery, outbox
 from app.models import worker as worker_table
 from tests.conftest import PYTHON, Launcher, Process, eventually
+from tests.factories import state
 
 TOKEN = "test-token"
-
-
-def state(booking_id: str, **changes: Any) -> dict[str, Any]:
-    """A valid booking state in the webhook's shape, with `changes` applied."""
-    return {
-        "bookingId": booking_id,
-        "venueId": "venue-1",
-        "partySize": 2,
-        "status": "seated",
-        "tables": ["T1"],
-        "date": 1639578600,
-        **changes,
-    }
 
 
 def worker_env(database_url: str, emulator: Process, **extra: str) -> dict[str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -13,36 +12,18 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.db import metadata
 from app.migrate import VERSION_TABLE, downgrade, head_revision, include_object_for, upgrade
-from tests.conftest import MysqlDatabases, PostgresDatabases
+from tests.conftest import Databases
 
 
 @pytest.fixture
-def empty_database_url(
-    backend: str, request: pytest.FixtureRequest, tmp_path: Path
-) -> Iterator[str]:
-    """A database with no tables, on the backend named (MariaDB's too: `[mysql]` tests once
-    ran on PostgreSQL, so MariaDB's schema was never compared nor migrated down)."""
-    if backend == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
-        return
-    if backend == "mysql":
-        databases: MysqlDatabases | None = request.getfixturevalue("mysql")
-        if databases is None:
-            pytest.skip("MariaDB tests are off (set TEST_MYSQL=1)")
-        name = databases.create(migrated=False)
-        try:
-            yield databases.url(name)
-        finally:
-            databases.drop(name)
-        return
-    postgres: PostgresDatabases | None = request.getfixturevalue("postgres")
-    if postgres is None:
-        pytest.skip("PostgreSQL is not available")
-    name = postgres.create(migrated=False)
+def empty_database_url(databases: Databases) -> Iterator[str]:
+    """A database with no tables, on each backend (MariaDB's too: `[mysql]` tests once ran on
+    PostgreSQL, so MariaDB's schema was never compared nor migrated down)."""
+    name = databases.create(migrated=False)
     try:
-        yield postgres.url(name)
+        yield databases.url(name)
     finally:
-        postgres.drop(name)
+        databases.drop(name)
 
 
 async def _schema_diff(url: str) -> list[object]:

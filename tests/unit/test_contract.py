@@ -89,12 +89,14 @@ FEW = settings(
 
 def seated() -> dict[str, Any]:
     """A fresh copy of Mozrest's seated example payload."""
-    return json.loads(SEATED_EXAMPLE)
+    example: dict[str, Any] = json.loads(SEATED_EXAMPLE)
+    return example
 
 
 def with_items() -> dict[str, Any]:
     """A fresh copy of Mozrest's pre-ordered items example payload."""
-    return json.loads(ITEMS_EXAMPLE)
+    example: dict[str, Any] = json.loads(ITEMS_EXAMPLE)
+    return example
 
 
 def compact(payload: object, *, ensure_ascii: bool = False) -> str:
@@ -390,7 +392,7 @@ def test_parse_row_names_the_mismatched_column(column: str, field: str) -> None:
     """A payload disagreeing with its booking_id/venue_id column is refused naming that field."""
     columns = {"booking_id": BOOKING_ID, "venue_id": VENUE_ID, column: "something-else"}
     with pytest.raises(ContractError) as caught:
-        parse_row(compact(seated()), **columns)
+        parse_row(compact(seated()), booking_id=columns["booking_id"], venue_id=columns["venue_id"])
     assert caught.value.field == field
 
 
@@ -712,12 +714,12 @@ def test_optional_field_corruption_is_named(key: str, value: Any, field: str) ->
 # --------------------------------------------------------------------------------------------
 
 # Valid text: any character but lone surrogates and NUL (both are refused by the contract).
-_CHARS = st.characters(exclude_categories=("Cs",), exclude_characters="\x00")
+_CHARS = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
 _TEXT = st.text(_CHARS, max_size=30)
 _NON_BLANK = st.text(_CHARS, min_size=1, max_size=30).filter(lambda s: s.strip() != "")
 #: Ids as SPEC 9.6 allows them: no control characters, no outer whitespace.
 _IDS = st.text(
-    st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=MAX_ID_LENGTH
+    st.characters(exclude_categories=["Cs", "Cc"]), min_size=1, max_size=MAX_ID_LENGTH
 ).filter(lambda s: s.strip() == s and s != "")
 _AMOUNTS = st.integers(min_value=0, max_value=10**12) | st.floats(
     min_value=0, max_value=1e12, allow_nan=False, allow_infinity=False
@@ -785,7 +787,8 @@ def test_property_raw_forms_normalise_to_the_state(
     raw: dict[str, Any] = copy.deepcopy(state)
     for key in ("prepayment", "contact", "notes", "items"):
         if key not in raw and data.draw(st.booleans()):
-            raw[key] = data.draw(st.sampled_from([None, []] if key == "items" else [None]))
+            absent: list[list[Any] | None] = [None, []] if key == "items" else [None]
+            raw[key] = data.draw(st.sampled_from(absent))
     if "contact" in raw and raw["contact"] is not None:
         for key in CONTACT_FIELDS:
             if key not in raw["contact"] and data.draw(st.booleans()):

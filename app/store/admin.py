@@ -1,6 +1,6 @@
-"""The store's admin side: the reads and replays behind `/api/*`, `/readyz` and `/metrics`.
+"""The store's admin reads: what `/api/*`, `/readyz` and `/metrics` show.
 
-Mixed into `app.store.Store`, so all SQL still sits behind one class. Lists are keyset pages:
+Reached through the `Store` facade. Lists are keyset pages:
 `ORDER BY id DESC LIMIT n + 1` below an id, on the `(filter, id)` indexes of `models.py`, so a
 page costs the same on the first page and the thousandth, and rows inserted between two page
 fetches neither repeat nor hide older ones.
@@ -9,21 +9,16 @@ fetches neither repeat nor hide older ones.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db import translate_errors
 from app.models import ACTIVE_STATUSES, STATUSES, attempt, booking, delivery, outbox, worker
-
-if TYPE_CHECKING:
-    from contextlib import AbstractAsyncContextManager
-
-    from sqlalchemy.ext.asyncio import AsyncConnection
-
+from app.store.toolkit import Toolkit
 
 #: Statuses an operator may requeue, and the ones that may be cancelled.
 REQUEUEABLE_STATUSES = ("dead", "cancelled")
@@ -106,23 +101,22 @@ class BookingRecord:
     deliveries: list[Record]
 
 
+async def fetch_delivery(conn: AsyncConnection, delivery_id: int) -> Record:
+    """One delivery as lists show it."""
+    row = (await conn.execute(select(*DELIVERY_COLUMNS).where(delivery.c.id == delivery_id))).one()
+    return dict(row._mapping)
+
+
 class AdminQueries:
-    """Admin reads and writes; expects `_read`, `_write`, `_now` and `_lock_bookings` from
-    `Store`."""
+    """The admin API's reads."""
 
-    if TYPE_CHECKING:
-
-        def _read(self) -> AbstractAsyncContextManager[AsyncConnection]: ...
-        def _write(self) -> AbstractAsyncContextManager[AsyncConnection]: ...
-        async def _now(self, conn: AsyncConnection) -> Any: ...
-        async def _lock_bookings(
-            self, conn: AsyncConnection, booking_ids: Iterable[str], *, skip_locked: bool = False
-        ) -> dict[str, Any]: ...
+    def __init__(self, tools: Toolkit) -> None:
+        self.tools = tools
 
     # -- health and gauges ----------------------------------------------------------------
 
     async def _fleet(self, conn: AsyncConnection, stale_after_seconds: float) -> FleetHealth:
-        now = await self._now(conn)
+        now = await self.tools.now(conn)
         rows = (
             await conn.execute(
                 select(worker.c.circuit, worker.c.credentials).where(
@@ -139,14 +133,14 @@ class AdminQueries:
 
     @translate_errors
     async def fleet_health(self, *, stale_after_seconds: float) -> FleetHealth:
-        async with self._read() as conn:
+        async with self.tools.read() as conn:
             return await self._fleet(conn, stale_after_seconds)
 
     @translate_errors
     async def gauges(self, *, stale_after_seconds: float) -> Gauges:
         """Relay-wide counts for `/api/stats` and the Prometheus gauges."""
-        async with self._read() as conn:
-            now = await self._now(conn)
+        async with self.tools.read() as conn:
+            now = await self.tools.now(conn)
             counts: Counter[str] = Counter({status: 0 for status in STATUSES})
             for status, count in await conn.execute(
                 select(delivery.c.status, func.count()).group_by(delivery.c.status)
@@ -182,8 +176,8 @@ class AdminQueries:
     @translate_errors
     async def list_workers(self, *, seen_within_seconds: float) -> list[Record]:
         """Relay processes that have not stopped and checked in within the window."""
-        async with self._read() as conn:
-            now = await self._now(conn)
+        async with self.tools.read() as conn:
+            now = await self.tools.now(conn)
             rows = await conn.execute(
                 select(
                     worker.c.id,
@@ -226,14 +220,14 @@ class AdminQueries:
             query = query.where(delivery.c.booking_id == booking_id)
         if before_id is not None:
             query = query.where(delivery.c.id < before_id)
-        async with self._read() as conn:
+        async with self.tools.read() as conn:
             rows = await conn.execute(query.order_by(delivery.c.id.desc()).limit(limit))
             return [dict(row._mapping) for row in rows]
 
     @translate_errors
     async def get_delivery(self, delivery_id: int) -> tuple[Record, list[Record]]:
         """One delivery with its payload, and its newest attempts first."""
-        async with self._read() as conn:
+        async with self.tools.read() as conn:
             row = (
                 await conn.execute(
                     select(*DELIVERY_COLUMNS, delivery.c.payload).where(
@@ -257,219 +251,12 @@ class AdminQueries:
             )
             return dict(row._mapping), [dict(a._mapping) for a in attempts]
 
-    @translate_errors
-    async def requeue_delivery(self, delivery_id: int) -> Record:
-        """Send a dead or cancelled delivery again, unless a newer state of its booking was
-        written since; answers the delivery as it now is."""
-        async with self._write() as conn:
-            booking_id = (
-                await conn.execute(
-                    select(delivery.c.booking_id).where(delivery.c.id == delivery_id)
-                )
-            ).scalar()
-            if booking_id is None:
-                raise NotFoundError(f"no delivery {delivery_id}")
-            bookings = await self._lock_bookings(conn, [booking_id])
-            row = (
-                await conn.execute(
-                    select(
-                        delivery.c.id,
-                        delivery.c.booking_id,
-                        delivery.c.outbox_id,
-                        delivery.c.status,
-                    ).where(delivery.c.id == delivery_id)
-                )
-            ).one()
-            if row.status not in REQUEUEABLE_STATUSES:
-                raise ConflictError(
-                    f"delivery {delivery_id} is {row.status}: "
-                    "only dead or cancelled deliveries can be retried"
-                )
-            refusals = await self._requeue_refusals(conn, [row], bookings)
-            if row.id in refusals:
-                raise ConflictError(refusals[row.id])
-            await self._requeue(conn, [row.id], status=row.status)
-            return await self._delivery(conn, delivery_id)
-
-    @translate_errors
-    async def requeue_deliveries(
-        self,
-        *,
-        status: str,
-        venue_id: str | None = None,
-        created_since: datetime | None = None,
-        created_until: datetime | None = None,
-        batch_size: int = REQUEUE_BATCH_SIZE,
-    ) -> int:
-        """Requeue every dead (or cancelled) delivery that matches and is its booking's newest
-        state, in short transactions of `batch_size`; returns how many were requeued."""
-        if status not in REQUEUEABLE_STATUSES:
-            raise ValueError(f"cannot requeue {status} deliveries")
-        query = select(delivery.c.id, delivery.c.booking_id).where(delivery.c.status == status)
-        if venue_id is not None:
-            query = query.where(delivery.c.venue_id == venue_id)
-        if created_since is not None:
-            query = query.where(delivery.c.created_at >= created_since)
-        if created_until is not None:
-            query = query.where(delivery.c.created_at < created_until)
-        requeued = 0
-        after_id = 0
-        while True:
-            async with self._write() as conn:
-                candidates = (
-                    await conn.execute(
-                        query.where(delivery.c.id > after_id)
-                        .order_by(delivery.c.id)
-                        .limit(batch_size)
-                    )
-                ).all()
-                if not candidates:
-                    return requeued
-                after_id = candidates[-1].id
-                bookings = await self._lock_bookings(conn, (c.booking_id for c in candidates))
-                # Read again under the booking locks: a worker or operator may have moved them.
-                rows = (
-                    await conn.execute(
-                        select(
-                            delivery.c.id,
-                            delivery.c.booking_id,
-                            delivery.c.outbox_id,
-                            delivery.c.status,
-                        ).where(
-                            delivery.c.id.in_([c.id for c in candidates]),
-                            delivery.c.status == status,
-                        )
-                    )
-                ).all()
-                refusals = await self._requeue_refusals(conn, rows, bookings)
-                ids = [r.id for r in rows if r.id not in refusals]
-                requeued += await self._requeue(conn, ids, status=status)
-            if len(candidates) < batch_size:
-                return requeued
-
-    async def _requeue_refusals(
-        self, conn: AsyncConnection, rows: Sequence[Any], bookings: dict[str, Any]
-    ) -> dict[int, str]:
-        """Why each of these deliveries may not be sent again (absent: it may).
-
-        Newest wins: a state older than one already accepted, sent, queued or merely
-        decided (`last_outbox_id` also counts an `unchanged` or `held` newer state) is never
-        sent. The same rule leaves only the newest of several dead deliveries of one booking.
-        Callers hold the booking locks.
-        """
-        newer_active: dict[str, int] = dict(
-            (
-                await conn.execute(
-                    select(delivery.c.booking_id, func.max(delivery.c.outbox_id))
-                    .where(
-                        delivery.c.booking_id.in_(sorted({r.booking_id for r in rows})),
-                        delivery.c.status.in_((*ACTIVE_STATUSES, "delivered")),
-                    )
-                    .group_by(delivery.c.booking_id)
-                )
-            ).all()
-        )
-        refusals: dict[int, str] = {}
-        for row in rows:
-            known = bookings.get(row.booking_id)
-            newer = f"a newer state of booking {row.booking_id!r}"
-            if known is None:
-                # The claim only sends deliveries whose booking row it can lock.
-                refusals[row.id] = (
-                    f"booking {row.booking_id!r} has no snapshot any more (pruned after "
-                    "RELAY_RETENTION): the RMS must write its state again"
-                )
-            elif (known.accepted_outbox_id or 0) > row.outbox_id:
-                refusals[row.id] = (
-                    f"{newer} (outbox row {known.accepted_outbox_id}) was already delivered"
-                )
-            elif (known.sent_outbox_id or 0) > row.outbox_id:
-                refusals[row.id] = f"{newer} (outbox row {known.sent_outbox_id}) was already sent"
-            elif (newer_active.get(row.booking_id) or 0) > row.outbox_id:
-                refusals[row.id] = (
-                    f"{newer} (outbox row {newer_active[row.booking_id]}) is already queued"
-                )
-            elif known.last_outbox_id > row.outbox_id:
-                refusals[row.id] = (
-                    f"{newer} (outbox row {known.last_outbox_id}) was written since; "
-                    "sending this older one would overwrite it"
-                )
-        return refusals
-
-    async def _requeue(self, conn: AsyncConnection, ids: list[int], *, status: str) -> int:
-        if not ids:
-            return 0
-        now = await self._now(conn)
-        result = await conn.execute(
-            update(delivery)
-            .where(delivery.c.id.in_(ids), delivery.c.status == status)
-            .values(
-                status="pending",
-                next_attempt_at=now,
-                # A replay gets a fresh RELAY_RETRY_MAX_AGE window (`Store._settle`).
-                requeued_at=now,
-                lease_owner=None,
-                lease_token=None,
-                lease_expires_at=None,
-                updated_at=now,
-            )
-        )
-        return int(result.rowcount)
-
-    @translate_errors
-    async def cancel_delivery(self, delivery_id: int) -> Record:
-        """Stop a pending or retrying delivery that is not on the wire right now."""
-        async with self._write() as conn:
-            booking_id = (
-                await conn.execute(
-                    select(delivery.c.booking_id).where(delivery.c.id == delivery_id)
-                )
-            ).scalar()
-            if booking_id is None:
-                raise NotFoundError(f"no delivery {delivery_id}")
-            await self._lock_bookings(conn, [booking_id])
-            now = await self._now(conn)
-            row = (
-                await conn.execute(
-                    select(delivery.c.status, delivery.c.lease_expires_at).where(
-                        delivery.c.id == delivery_id
-                    )
-                )
-            ).one()
-            if row.status not in CANCELLABLE_STATUSES:
-                raise ConflictError(
-                    f"delivery {delivery_id} is {row.status}: "
-                    "only pending or retrying deliveries can be cancelled"
-                )
-            if row.lease_expires_at is not None and row.lease_expires_at > now:
-                raise ConflictError(f"delivery {delivery_id} is in flight, try again shortly")
-            await conn.execute(
-                update(delivery)
-                .where(delivery.c.id == delivery_id)
-                .values(
-                    status="cancelled",
-                    next_attempt_at=None,
-                    lease_owner=None,
-                    lease_token=None,
-                    lease_expires_at=None,
-                    updated_at=now,
-                )
-            )
-            return await self._delivery(conn, delivery_id)
-
-    @staticmethod
-    async def _delivery(conn: AsyncConnection, delivery_id: int) -> Record:
-        row = (
-            await conn.execute(select(*DELIVERY_COLUMNS).where(delivery.c.id == delivery_id))
-        ).one()
-        return dict(row._mapping)
-
     # -- bookings and outbox --------------------------------------------------------------
 
     @translate_errors
     async def get_booking(self, booking_id: str) -> BookingRecord:
         """A booking's snapshot and newest deliveries; NotFoundError if the relay has neither."""
-        async with self._read() as conn:
+        async with self.tools.read() as conn:
             known = (
                 await conn.execute(
                     select(
@@ -520,7 +307,7 @@ class AdminQueries:
             query = query.where(outbox.c.booking_id == booking_id)
         if before_id is not None:
             query = query.where(outbox.c.id < before_id)
-        async with self._read() as conn:
+        async with self.tools.read() as conn:
             rows = await conn.execute(query.order_by(outbox.c.id.desc()).limit(limit))
             return [dict(row._mapping) for row in rows]
 
@@ -533,7 +320,7 @@ class AdminQueries:
         Read from deliveries, whose `(venue_id, id)` index bounds the scan (the outbox has no
         venue index): these are the states Mozrest's POS has to place on its tables.
         """
-        async with self._read() as conn:
+        async with self.tools.read() as conn:
             payloads = (
                 await conn.execute(
                     select(delivery.c.payload)

@@ -12,8 +12,8 @@
 #   image's own HEALTHCHECK, /healthz and /readyz; SIGTERM exits 0 within RELAY_SHUTDOWN_GRACE.
 #
 # One verdict line per step; the first failure stops the run with a non-zero status. Containers
-# and the database are removed on every exit. Measured on the CI kind of machine (2 cores): about
-# 2 minutes cold (no stand-in, no build layers), about 25 s warm; docs/platform.md has the figures.
+# and the database are removed on every exit. Measured on the CI kind of machine (2 cores shared
+# with other work): 143 s cold (podman installed, the stand-in made), 33 to 58 s warm.
 #
 # Settings (environment): CONTAINER_CHECK_PG (default postgresql://postgres@127.0.0.1:5432),
 # CONTAINER_CHECK_CACHE (default /var/cache/mozrest-relay-ci), DEBIAN_MIRROR (debootstrap's
@@ -195,8 +195,8 @@ build_standin_rootfs() { # FOLDER
     rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/log/* "$root"/tmp/*
 }
 
-# Cold: debootstrap about 50 s and import about 7 s. Warm: the image is still in podman's storage
-# (nothing to do) or is imported from the cached tar (about 7 s).
+# Cold: debootstrap and import, 54 to 87 s measured. Warm: the image is still in podman's storage
+# (1 s), or podman's storage was wiped and it is imported from the cached tar (9 s).
 step_standin() {
     begin stand-in
     read_base_image

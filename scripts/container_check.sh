@@ -9,7 +9,8 @@
 #             HEALTHCHECK is kept
 #   then, against a fresh database on the CI PostgreSQL: migrate; the emulator and the relay in
 #   containers on the host network; a seated booking enqueued and received by the emulator; the
-#   image's own HEALTHCHECK, /healthz and /readyz; SIGTERM exits 0 within RELAY_SHUTDOWN_GRACE.
+#   image's own HEALTHCHECK, /healthz and /readyz; SIGTERM with a request on the wire exits 0
+#   within RELAY_SHUTDOWN_GRACE.
 #
 # One verdict line per step; the first failure stops the run with a non-zero status. Containers
 # and the database are removed on every exit. Measured on the CI kind of machine (2 cores shared
@@ -30,6 +31,7 @@ RUN=(podman run --runtime runc --network host --ulimit nofile=8192:8192 --ulimit
 SHUTDOWN_GRACE_SECONDS=15 # the relay's default RELAY_SHUTDOWN_GRACE, set explicitly below
 STOP_MARGIN_SECONDS=5
 BOOKING=examples/seated.json
+NEXT_BOOKING=examples/finished.json # the same booking, sent while the relay is told to stop
 
 SUFFIX=$(head -c 4 /dev/urandom | od -An -tx1 | tr -d ' \n')
 DATABASE=mozrest_container_check_$SUFFIX
@@ -111,10 +113,8 @@ free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-http_code() { # URL [CURL_ARGS...]
-    local url=$1
-    shift
-    curl -s -o /dev/null -w '%{http_code}' --max-time 3 "$@" "$url" || true
+http_code() { # URL: the status code, 000 when nothing answers
+    curl -s -o /dev/null -w '%{http_code}' --max-time 3 "$1" || true
 }
 
 json_field() { # PYTHON_EXPRESSION over `doc`, reading JSON on stdin; empty on bad JSON
@@ -227,6 +227,7 @@ step_standin() {
             || fail "podman import of the stand-in failed" "$LOG_DIR/import.log"
     fi
     flock -u 9
+    exec 9>&-
     local seen
     # shellcheck disable=SC2016 # expanded by the container's shell
     seen=$("${RUN[@]}" --rm --no-healthcheck "$STANDIN" sh -c \
@@ -341,8 +342,7 @@ step_relay() {
 
 step_deliver() {
     begin deliver
-    local booking_id
-    booking_id=$(json_field 'doc["bookingId"]' <"$BOOKING")
+    BOOKING_ID=$(json_field 'doc["bookingId"]' <"$BOOKING")
     "${RUN[@]}" --rm -i --no-healthcheck -e "DATABASE_URL=$PG/$DATABASE" "$IMAGE" enqueue - \
         <"$BOOKING" >"$LOG_DIR/enqueue.log" 2>&1 || fail "mozrest-relay enqueue - failed" "$LOG_DIR/enqueue.log"
     local enqueued=$SECONDS deadline=$((SECONDS + 30)) status="" delivery=""
@@ -351,13 +351,13 @@ step_deliver() {
             || fail_with_logs "after 30s the emulator holds status '$status', the relay says '$delivery'" \
                 "$RELAY"
         sleep 0.5
-        status=$(curl -s --max-time 3 "http://127.0.0.1:$EMULATOR_PORT/_emulator/bookings/$booking_id" \
+        status=$(curl -s --max-time 3 "http://127.0.0.1:$EMULATOR_PORT/_emulator/bookings/$BOOKING_ID" \
             | json_field 'doc["state"]["status"]')
         delivery=$(curl -s --max-time 3 -H "Authorization: Bearer $ADMIN_TOKEN" \
-            "http://127.0.0.1:$RELAY_PORT/api/deliveries?booking_id=$booking_id" \
+            "http://127.0.0.1:$RELAY_PORT/api/deliveries?booking_id=$BOOKING_ID" \
             | json_field 'doc["items"][0]["status"]')
     done
-    pass "$BOOKING enqueued in a container; the emulator holds booking $booking_id seated, the relay says delivered, within $((SECONDS - enqueued))s"
+    pass "$BOOKING enqueued in a container; the emulator holds booking $BOOKING_ID seated, the relay says delivered, within $((SECONDS - enqueued))s"
 }
 
 step_health() {
@@ -373,9 +373,20 @@ step_health() {
     pass "/healthz 200, /readyz 200 $ready, the image's HEALTHCHECK passes"
 }
 
+# SIGTERM while a request is on the wire: the emulator answers after 3 s, and the relay must let
+# that request finish, then exit 0, all within its grace. A request that had not left yet when
+# the signal came (a very slow machine) is released instead: the verdict says which happened.
 step_stop() {
     begin stop
     local limit=$((SHUTDOWN_GRACE_SECONDS + STOP_MARGIN_SECONDS)) started_ns exit_code elapsed_ms
+    local faults
+    faults=$(curl -s -o /dev/null -w '%{http_code}' --max-time 3 -X PUT \
+        -H 'Content-Type: application/json' -d '{"latency_ms": 3000}' \
+        "http://127.0.0.1:$EMULATOR_PORT/_emulator/faults" || true)
+    [ "$faults" = 200 ] || fail "the emulator refused a latency fault ($faults)"
+    "${RUN[@]}" --rm -i --no-healthcheck -e "DATABASE_URL=$PG/$DATABASE" "$IMAGE" enqueue - \
+        <"$NEXT_BOOKING" >>"$LOG_DIR/enqueue.log" 2>&1 || fail "mozrest-relay enqueue - failed" "$LOG_DIR/enqueue.log"
+    sleep 1
     started_ns=$(date +%s%N)
     podman kill --signal TERM "$RELAY" >/dev/null 2>"$LOG_DIR/kill.log" || fail "podman kill failed" "$LOG_DIR/kill.log"
     exit_code=$(timeout "$limit" podman wait "$RELAY" 2>"$LOG_DIR/wait.log") \
@@ -386,7 +397,16 @@ step_stop() {
     if grep -q Traceback "$LOG_DIR/relay.log"; then
         fail "the relay's log has a traceback" "$LOG_DIR/relay.log"
     fi
-    pass "SIGTERM: exit 0 after $((elapsed_ms / 1000)).$(printf '%03d' $((elapsed_ms % 1000)))s (limit: grace ${SHUTDOWN_GRACE_SECONDS}s + ${STOP_MARGIN_SECONDS}s), no traceback"
+    local drained="no request was on the wire"
+    if grep -q '"event": "worker.draining"' "$LOG_DIR/relay.log"; then
+        local status
+        status=$(curl -s --max-time 3 "http://127.0.0.1:$EMULATOR_PORT/_emulator/bookings/$BOOKING_ID" \
+            | json_field 'doc["state"]["status"]')
+        [ "$status" = finished ] \
+            || fail "the request on the wire at SIGTERM did not finish: the emulator holds '$status'" "$LOG_DIR/relay.log"
+        drained="the request on the wire finished"
+    fi
+    pass "SIGTERM: exit 0 after $((elapsed_ms / 1000)).$(printf '%03d' $((elapsed_ms % 1000)))s (limit: grace ${SHUTDOWN_GRACE_SECONDS}s + ${STOP_MARGIN_SECONDS}s), $drained, no traceback"
 }
 
 step_tools

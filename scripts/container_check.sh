@@ -14,7 +14,8 @@
 #
 # One verdict line per step; the first failure stops the run with a non-zero status. Containers
 # and the database are removed on every exit. Measured on the CI kind of machine (2 cores shared
-# with other work): 143 s cold (podman installed, the stand-in made), 33 to 58 s warm.
+# with other work): cold (podman installed, the stand-in made) 143 and 149 s; warm (stand-in
+# cached) 33 to 89 s, 40 s typical, most of it the image build.
 #
 # Settings (environment): CONTAINER_CHECK_PG (default postgresql://postgres@127.0.0.1:5432),
 # CONTAINER_CHECK_CACHE (default /var/cache/mozrest-relay-ci), DEBIAN_MIRROR (debootstrap's
@@ -195,7 +196,7 @@ build_standin_rootfs() { # FOLDER
     rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/log/* "$root"/tmp/*
 }
 
-# Cold: debootstrap and import, 54 to 87 s measured. Warm: the image is still in podman's storage
+# Cold: debootstrap and import, 54 to 105 s measured. Warm: the image is still in podman's storage
 # (1 s), or podman's storage was wiped and it is imported from the cached tar (9 s).
 step_standin() {
     begin stand-in
@@ -252,7 +253,7 @@ step_standin() {
 
 # --- the project's image ---------------------------------------------------------------------
 
-# About 30 s, mostly pip downloading and installing the pinned dependencies. --layers=false:
+# 22 to 59 s measured, mostly pip downloading and installing the pinned dependencies. --layers=false:
 # CI's sources change with every commit, so cached layers would rarely be reused, and without them
 # podman's storage holds only the stand-in and the last image however many runs there are.
 step_build() {

@@ -1,6 +1,10 @@
 # mozrest-relay: `docker build -t mozrest-relay .`
+# BASE_IMAGE is for CI, which cannot pull and builds on a stand-in of the same Debian release and
+# Python (scripts/container_check.sh); everyone else gets the official image.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
 # Build stage: install the pinned dependencies into a virtual environment.
-FROM python:3.11-slim-bookworm AS build
+FROM ${BASE_IMAGE} AS build
 WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -11,7 +15,7 @@ COPY mozrest_outbox ./mozrest_outbox
 RUN pip install --constraint requirements.lock .
 
 # Final stage: the interpreter, the virtual environment, a non-root user; no compilers.
-FROM python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin relay
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \

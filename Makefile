@@ -53,6 +53,10 @@ format: $(STAMP) ## format the code
 migrate: $(STAMP) ## upgrade DATABASE_URL to the newest schema
 	$(BIN)/mozrest-relay migrate
 
+.PHONY: container-check
+container-check: ## build the image on a Debian stand-in base, run it against PostgreSQL (root; CI)
+	scripts/container_check.sh
+
 .PHONY: bench
 bench: $(STAMP) ## the benchmark suite, about 7 minutes: prints a table, writes bench/results/latest.json
 	@$(BIN)/python -c 'import pgqueuer, uvloop' 2>/dev/null || $(BIN)/pip install --quiet -c requirements.lock -e '.[bench]'

@@ -71,6 +71,10 @@ bench-api: $(STAMP) ## admin API list latencies over 1,000,000 deliveries: bench
 	@$(BIN)/python -c 'import uvloop' 2>/dev/null && test -x $(BIN)/py-spy || $(BIN)/pip install --quiet -c requirements.lock -e '.[bench]'
 	$(BIN)/python -m bench.api $(BENCH_ARGS)
 
+.PHONY: soak
+soak: $(STAMP) ## 30 min soak on PostgreSQL: 2 workers, 300 states/s, faults, a SIGKILL every 5 min (SOAK_MINUTES, SOAK_RATE, ...)
+	$(BIN)/python -m bench.soak
+
 .PHONY: chaos
 chaos: $(STAMP) ## fault-injection suite at full scale, ~20,000 changes a scenario (docs/reliability.md)
 	CHAOS_SCALE=full $(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)

@@ -253,13 +253,14 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 def cmd_pos_tables(args: argparse.Namespace) -> int:
     """Print a venue's POS tables from Mozrest's Partner API."""
     from app.publisher import PartnerApi, PartnerApiError
+    from app.secret_files import SecretSource
 
     settings = _settings()
 
     async def fetch() -> dict[str, Any]:
         api = PartnerApi(
             base_url=settings.api_url,
-            api_key=settings.mozrest_api_key,
+            api_key=SecretSource.from_settings(settings, "MOZREST_API_KEY"),
             timeout_seconds=settings.relay_http_timeout,
         )
         try:

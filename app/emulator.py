@@ -44,9 +44,14 @@ Control and inspection API (no auth)
     DELETE /_emulator/faults                   no faults
     PUT    /_emulator/venues/{venueId}/menu    `{"skus": [...], "reject_unknown": false}`
     PUT    /_emulator/venues/{venueId}/tables  `{"tables": [{"id", "name", "area"}]}`
+    PUT    /_emulator/token                    change the keys it expects at once, as Mozrest
+                                               rotating them: `{"token": "...", "api_key": ...}`
+                                               (the webhook token, the Partner API key; an omitted
+                                               one stays, null accepts any); answers which are set
     POST   /_emulator/reset                    forget everything: bookings, request log, trace,
                                                faults, menus, tables and stats (`seq` keeps
-                                               counting, so `since_seq` polling stays correct)
+                                               counting, so `since_seq` polling stays correct;
+                                               the keys stay as they are)
     GET    /_emulator/stats                    `{"received", "accepted", "dropped", "by_status"}`
                                                for /rms
 
@@ -133,6 +138,15 @@ class MenuSettings(BaseModel):
 
     skus: list[str]
     reject_unknown: bool = False
+
+
+class TokenSettings(BaseModel):
+    """New keys for the emulator to expect; an omitted one is left as it is, null accepts any."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: str | None = Field(default=None, min_length=1)
+    api_key: str | None = Field(default=None, min_length=1)
 
 
 class PosTable(BaseModel):
@@ -512,6 +526,19 @@ async def put_tables(
     return {"venueId": venue_id, "tables": tables, "count": len(tables)}
 
 
+@control.put("/token")
+async def put_token(settings: TokenSettings, emulator: EmulatorDep) -> dict[str, bool]:
+    """Expect other keys from the next request on (a rotation at Mozrest's side)."""
+    if "token" in settings.model_fields_set:
+        emulator.token = settings.token
+    if "api_key" in settings.model_fields_set:
+        emulator.api_key = settings.api_key
+    return {
+        "token_required": emulator.token is not None,
+        "api_key_required": emulator.api_key is not None,
+    }
+
+
 @control.post("/reset")
 async def reset(emulator: EmulatorDep) -> dict[str, str]:
     """Forget everything received and configured."""
@@ -544,6 +571,7 @@ async def index() -> dict[str, Any]:
             "GET|PUT|DELETE /_emulator/faults",
             "PUT /_emulator/venues/{venueId}/menu",
             "PUT /_emulator/venues/{venueId}/tables",
+            "PUT /_emulator/token",
             "POST /_emulator/reset",
             "GET /_emulator/stats",
         ],

@@ -20,6 +20,7 @@ from aiohttp.payload import BytesPayload
 from app import __version__
 from app.clock import lease_clock
 from app.policy import parse_http_date, parse_retry_after
+from app.secret_files import SecretSource
 from app.text import shown, storable
 
 #: Keep this many bytes of an answer's body: attempts store at most 4 KiB.
@@ -54,22 +55,39 @@ class Publisher(Protocol):
         answer says `lease_expired`."""
         ...
 
+    def reload_credentials(self) -> bool:
+        """Read the webhook token again from `MOZREST_WEBHOOK_TOKEN_FILE` when it was given that
+        way; True when it changed, and the next request carries the new token. The worker's
+        credentials probe calls this first while Mozrest answers 401."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
-def _client(*, base_url: str, token: str | None) -> httpx.AsyncClient:
-    """A plain httpx client for the Partner API's occasional reads."""
+def _client(*, base_url: str) -> httpx.AsyncClient:
+    """A plain httpx client for the Partner API's occasional reads (its key is set per request,
+    so that a rotated key is used at once)."""
     headers = {"User-Agent": f"mozrest-relay/{__version__}", "Accept": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
     # `PartnerApi.pos_tables` bounds each call with one overall asyncio deadline.
     return httpx.AsyncClient(base_url=base_url, headers=headers, timeout=None)  # noqa: S113
+
+
+def as_secret_source(secret: str | SecretSource | None, *, variable: str) -> SecretSource:
+    """A secret as a `SecretSource`: a plain value (or none) becomes one that never changes."""
+    if isinstance(secret, SecretSource):
+        return secret
+    return SecretSource(value=secret, variable=variable)
+
+
+def _bearer(source: SecretSource) -> dict[str, str]:
+    value = source.current()
+    return {"Authorization": f"Bearer {value}"} if value else {}
 
 
 def make_publisher(
     *,
     url: str,
-    token: str | None,
+    token: str | SecretSource | None,
     timeout_seconds: float,
     concurrency: int,
     transport: Transport = "aiohttp",
@@ -80,21 +98,44 @@ def make_publisher(
 
 
 class _BasePublisher:
-    """What both publishers share: the headers, the deadline, and reading Mozrest's answer."""
+    """What both publishers share: the headers, the token, the deadline, and reading Mozrest's
+    answer."""
 
     def __init__(
-        self, *, url: str, token: str | None, timeout_seconds: float, concurrency: int
+        self,
+        *,
+        url: str,
+        token: str | SecretSource | None,
+        timeout_seconds: float,
+        concurrency: int,
     ) -> None:
         self.url = url
         self.timeout_seconds = timeout_seconds
         self.concurrency = concurrency
-        self._headers = {
+        #: The webhook token, re-readable from its file (`reload_credentials`); `token.read_at`
+        #: says when it was last read.
+        self.token = as_secret_source(token, variable="MOZREST_WEBHOOK_TOKEN")
+        self._base_headers = {
             "User-Agent": f"mozrest-relay/{__version__}",
             "Accept": "application/json",
             "Content-Type": "application/json",
         }
-        if token:
-            self._headers["Authorization"] = f"Bearer {token}"
+        self._use_token()
+
+    def _use_token(self) -> None:
+        """Build the headers of the next requests from the token's current value."""
+        self._auth_headers = _bearer(self.token)
+        self._headers = {**self._base_headers, **self._auth_headers}
+
+    def reload_credentials(self) -> bool:
+        """Read the webhook token again from `MOZREST_WEBHOOK_TOKEN_FILE` when it was given that
+        way; True when it changed, and the next request carries the new token (requests already
+        on the wire keep the old one). With a plain `MOZREST_WEBHOOK_TOKEN`, or a file that cannot
+        be read at this moment, nothing changes: False, and `token.last_error` says why."""
+        changed = self.token.reload()
+        if changed:
+            self._use_token()
+        return changed
 
     def _deadline(self, deadline: float | None) -> float:
         return lease_clock() + self.timeout_seconds if deadline is None else deadline
@@ -162,7 +203,12 @@ class AiohttpPublisher(_BasePublisher):
     """
 
     def __init__(
-        self, *, url: str, token: str | None, timeout_seconds: float, concurrency: int
+        self,
+        *,
+        url: str,
+        token: str | SecretSource | None,
+        timeout_seconds: float,
+        concurrency: int,
     ) -> None:
         super().__init__(
             url=url, token=token, timeout_seconds=timeout_seconds, concurrency=concurrency
@@ -175,7 +221,8 @@ class AiohttpPublisher(_BasePublisher):
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.concurrency),
-                headers=self._headers,
+                # The token is added per request (`_auth_headers`): it can change.
+                headers=self._base_headers,
                 # Our own deadline bounds each request; aiohttp's default would add 5 minutes.
                 timeout=aiohttp.ClientTimeout(total=None),
                 auto_decompress=False,
@@ -193,7 +240,9 @@ class AiohttpPublisher(_BasePublisher):
         try:
             # One deadline for connect, send, wait and read: the lease must outlive all of it.
             async with asyncio.timeout(_loop_deadline(deadline)):
-                async with session.post(self._url, data=payload, allow_redirects=False) as response:
+                async with session.post(
+                    self._url, data=payload, headers=self._auth_headers, allow_redirects=False
+                ) as response:
                     content = await _read_at_most(response.content, ANSWER_BODY_LIMIT)
                     return self._answered(
                         response.status, response.headers, content, start, started_at
@@ -222,7 +271,12 @@ class HttpxPublisher(_BasePublisher):
     """
 
     def __init__(
-        self, *, url: str, token: str | None, timeout_seconds: float, concurrency: int
+        self,
+        *,
+        url: str,
+        token: str | SecretSource | None,
+        timeout_seconds: float,
+        concurrency: int,
     ) -> None:
         super().__init__(
             url=url, token=token, timeout_seconds=timeout_seconds, concurrency=concurrency
@@ -403,29 +457,26 @@ def parse_pos_tables(content: bytes, *, venue_id: str) -> dict[str, Any]:
 
 
 class PartnerApi:
-    """Reads from Mozrest's Partner API (Bearer API key)."""
+    """Reads from Mozrest's Partner API (Bearer API key). Given as a `SecretSource` read from
+    `MOZREST_API_KEY_FILE`, the key is read again on a 401 and the call retried once with it."""
 
-    def __init__(self, *, base_url: str, api_key: str | None, timeout_seconds: float) -> None:
+    def __init__(
+        self, *, base_url: str, api_key: str | SecretSource | None, timeout_seconds: float
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_seconds = timeout_seconds
-        self._client = _client(base_url=self.base_url, token=api_key)
-        self._has_key = api_key is not None
+        self.api_key = as_secret_source(api_key, variable="MOZREST_API_KEY")
+        self._client = _client(base_url=self.base_url)
 
     async def pos_tables(self, venue_id: str) -> dict[str, Any]:
-        """`GET /venues/{venueId}/pos-tables`, validated to the documented shape."""
-        if not self._has_key:
+        """`GET /venues/{venueId}/pos-tables`, validated to the documented shape. On a 401 the
+        key is read again from its file and, when that changed it, the call is made once more."""
+        if self.api_key.current() is None:
             raise PartnerApiError("MOZREST_API_KEY is not set")
         path = f"/venues/{quote(venue_id, safe='')}/pos-tables"
-        try:
-            async with asyncio.timeout(self.timeout_seconds):
-                async with self._client.stream("GET", path) as response:
-                    content = await _aread_at_most(response, POS_TABLES_BODY_LIMIT + 1)
-        except TimeoutError:
-            raise PartnerApiError(
-                f"Mozrest did not answer within {self.timeout_seconds:g}s"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise PartnerApiError(f"could not reach Mozrest: {type(exc).__name__}") from None
+        response, content = await self._get(path)
+        if response.status_code == 401 and self.api_key.reload():
+            response, content = await self._get(path)
         if response.status_code in (401, 403):
             raise PartnerApiError(
                 f"Mozrest refused the API key (HTTP {response.status_code}): check MOZREST_API_KEY"
@@ -439,6 +490,22 @@ class PartnerApi:
                 f"Mozrest's answer is larger than {POS_TABLES_BODY_LIMIT // 1024} KiB"
             )
         return parse_pos_tables(content, venue_id=venue_id)
+
+    async def _get(self, path: str) -> tuple[httpx.Response, bytes]:
+        """One GET with the key's current value, read up to just over the size limit."""
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                async with self._client.stream(
+                    "GET", path, headers=_bearer(self.api_key)
+                ) as response:
+                    content = await _aread_at_most(response, POS_TABLES_BODY_LIMIT + 1)
+        except TimeoutError:
+            raise PartnerApiError(
+                f"Mozrest did not answer within {self.timeout_seconds:g}s"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise PartnerApiError(f"could not reach Mozrest: {type(exc).__name__}") from None
+        return response, content
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -22,6 +22,7 @@ from app.logs import get_logger, log_event
 from app.migrate import current_revision, schema_problem
 from app.policy import RetryPolicy
 from app.publisher import make_publisher
+from app.secret_files import SecretSource
 from app.settings import Settings
 from app.store import Store
 from app.worker import Worker, WorkerConfig
@@ -179,7 +180,8 @@ def build_worker(settings: Settings, store: Store) -> Worker:
     settings.check_can_send()
     publisher = make_publisher(
         url=settings.webhook_url,
-        token=settings.mozrest_webhook_token,
+        # Re-readable from MOZREST_WEBHOOK_TOKEN_FILE: `publisher.reload_credentials()`.
+        token=SecretSource.from_settings(settings, "MOZREST_WEBHOOK_TOKEN"),
         timeout_seconds=settings.relay_http_timeout,
         concurrency=settings.relay_concurrency,
         transport=settings.relay_http_transport,

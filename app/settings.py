@@ -8,8 +8,22 @@ from functools import cached_property
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import (
+    BeforeValidator,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from app.secret_files import SecretFileError, SecretFilesSource, recording_files_read
 
 SANDBOX_WEBHOOK_URL = "https://webhooks.pos.sandbox.mozrest.com/rms"
 PRODUCTION_WEBHOOK_URL = "https://webhooks.pos.mozrest.com/rms"
@@ -105,6 +119,31 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", case_sensitive=False, extra="ignore"
     )
+    #: Secrets given as `NAME_FILE`: variable name to the file read (`secret_file`).
+    _secret_files: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            with recording_files_read() as files_read:
+                super().__init__(**values)
+        except SecretFileError as exc:
+            raise ConfigError(str(exc)) from None
+        self._secret_files = files_read
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # `NAME_FILE` (app.secret_files) for the secrets, from the environment and the .env file.
+        secret_files = SecretFilesSource(
+            settings_cls, env_settings=env_settings, dotenv_settings=dotenv_settings
+        )
+        return init_settings, secret_files, env_settings, dotenv_settings, file_secret_settings
 
     database_url: str = Field(
         "sqlite+aiosqlite:///./mozrest-relay.db",
@@ -242,6 +281,11 @@ class Settings(BaseSettings):
         if self.mozrest_api_url:
             return self.mozrest_api_url.rstrip("/")
         return PRODUCTION_API_URL if self.mozrest_env == "production" else SANDBOX_API_URL
+
+    def secret_file(self, variable: str) -> str | None:
+        """The file secret `variable` (e.g. `MOZREST_WEBHOOK_TOKEN`) was read from, when it was
+        given as `MOZREST_WEBHOOK_TOKEN_FILE`: it can be read again after a rotation."""
+        return self._secret_files.get(variable)
 
     @property
     def dialect(self) -> str:

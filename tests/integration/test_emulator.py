@@ -356,6 +356,30 @@ async def test_pos_tables_checks_the_api_key(client: httpx.AsyncClient) -> None:
         assert "detail" in response.json()
 
 
+async def test_put_token_rotates_the_keys_it_expects(client: httpx.AsyncClient) -> None:
+    """`PUT /_emulator/token` changes the webhook token and the Partner API key from the next
+    request on; an omitted key stays, null accepts any, and a reset keeps them."""
+    answer = await client.put("/_emulator/token", json={"token": "t2"})
+    assert answer.json() == {"token_required": True, "api_key_required": True}
+    assert (await send(client, payload())).status_code == 401
+    rotated = {"Authorization": "Bearer t2"}
+    assert (await client.post("/rms", json=payload(), headers=rotated)).status_code == 200
+    # The API key was omitted: still `k`.
+    key = {"Authorization": "Bearer k"}
+    assert (await client.get("/venues/v1/pos-tables", headers=key)).status_code == 200
+    await client.put("/_emulator/token", json={"api_key": "k2"})
+    assert (await client.get("/venues/v1/pos-tables", headers=key)).status_code == 401
+    key2 = {"Authorization": "Bearer k2"}
+    assert (await client.get("/venues/v1/pos-tables", headers=key2)).status_code == 200
+    await client.post("/_emulator/reset")
+    assert (await client.post("/rms", json=payload(), headers=rotated)).status_code == 200
+    answer = await client.put("/_emulator/token", json={"token": None})
+    assert answer.json() == {"token_required": False, "api_key_required": True}
+    assert (await client.post("/rms", json=payload())).status_code == 200
+    for bad in ({"token": ""}, {"tokn": "x"}, {"token": 5}):
+        assert (await client.put("/_emulator/token", json=bad)).status_code == 422, bad
+
+
 async def test_request_log_records_every_request_in_order(client: httpx.AsyncClient) -> None:
     """Every /rms request is logged with rising seq and arrival_ns, never with the token."""
     await send(client, payload())

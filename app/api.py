@@ -33,8 +33,10 @@ from app.logs import configure_logging, get_logger, log_event
 from app.publisher import PartnerApi
 from app.routes import router
 from app.runtime import assemble, bind_socket
+from app.secret_files import SecretSource
 from app.settings import Settings
 from app.store import ConflictError, NotFoundError, StoreError
+from app.worker import Worker
 
 log = get_logger("api")
 
@@ -55,7 +57,8 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
         async with assemble(settings, with_worker=with_worker) as parts:
             partner_api = PartnerApi(
                 base_url=settings.api_url,
-                api_key=settings.mozrest_api_key,
+                # Re-read from MOZREST_API_KEY_FILE on a 401: a rotated key needs no restart.
+                api_key=SecretSource.from_settings(settings, "MOZREST_API_KEY"),
                 timeout_seconds=settings.relay_http_timeout,
             )
             context = AppContext(
@@ -147,7 +150,7 @@ async def readiness_checks(context: AppContext) -> dict[str, str]:
     await _check_database(context, checks)
     if context.worker is not None:
         if context.worker.credentials_state != "ok":
-            checks["mozrest"] = CREDENTIALS_REJECTED
+            checks["mozrest"] = CREDENTIALS_REJECTED + _token_read(context.worker)
         elif context.worker.circuit_state != "closed":
             checks["mozrest"] = f"circuit {context.worker.circuit_state}: Mozrest is failing"
     if checks["database"] == "ok" and checks["schema"] != "ok":
@@ -163,6 +166,12 @@ async def readiness_checks(context: AppContext) -> dict[str, str]:
 
 
 CREDENTIALS_REJECTED = "credentials rejected (401): check MOZREST_WEBHOOK_TOKEN"
+
+
+def _token_read(worker: Worker) -> str:
+    """When the token was last read from MOZREST_WEBHOOK_TOKEN_FILE (each probe re-reads it)."""
+    read_at = worker.credentials_read_at
+    return "" if read_at is None else f"; the token file was last read at {read_at.isoformat()}"
 
 
 async def _check_database(context: AppContext, checks: dict[str, str]) -> None:

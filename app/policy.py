@@ -371,6 +371,12 @@ class Breaker:
     def start_probe(self) -> None:
         self.state = BreakerState.HALF_OPEN
 
+    def allow_probe_now(self) -> None:
+        """While open: let the next probe go without waiting out the cool-down (what it was
+        waiting for has changed, e.g. a rotated token)."""
+        if self.state is BreakerState.OPEN:
+            self._opened_at = float("-inf")
+
     def record_success(self) -> None:
         self.failures = 0
         self.state = BreakerState.CLOSED

@@ -61,6 +61,10 @@ class Publisher(Protocol):
         credentials probe calls this first while Mozrest answers 401."""
         ...
 
+    def token_read_at(self) -> datetime | None:
+        """When the webhook token was last read from its file (None for a plain value)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -136,6 +140,9 @@ class _BasePublisher:
         if changed:
             self._use_token()
         return changed
+
+    def token_read_at(self) -> datetime | None:
+        return self.token.read_at
 
     def _deadline(self, deadline: float | None) -> float:
         return lease_clock() + self.timeout_seconds if deadline is None else deadline

@@ -37,6 +37,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TypeVar
 
 from app import metrics
@@ -354,6 +355,7 @@ class Worker:
 
     async def _dispatch_loop(self) -> None:
         while not self._stopping.is_set():
+            self._reread_credentials()
             slots, probe = self.gates.claimable(self.slots.free())
             if not probe and self.slots.in_flight and slots < self.config.min_claim:
                 await self._wait(self._dispatch_wakeup, self._dispatch_wait_seconds())
@@ -367,6 +369,20 @@ class Worker:
                 await asyncio.sleep(0)  # let the requests start, then claim more
                 continue
             await self._wait(self._dispatch_wakeup, self._dispatch_wait_seconds())
+
+    def _reread_credentials(self) -> None:
+        """While Mozrest rejects our token, read it again from its file (MOZREST_WEBHOOK_TOKEN_
+        FILE) before each look for a probe: a rotated secret (a Kubernetes Secret mounted as a
+        file) is probed at once, without a restart or waiting out the cool-down."""
+        if self.gates.credentials.closed or not self.publisher.reload_credentials():
+            return
+        self.gates.credentials.allow_probe_now()
+        log_event(log, logging.INFO, "credentials.reloaded", worker_id=self.id)
+
+    @property
+    def credentials_read_at(self) -> datetime | None:
+        """When the webhook token was last read from its file (None for a plain value)."""
+        return self.publisher.token_read_at()
 
     async def _claim(self, slots: int, *, probe: bool) -> bool:
         """Claim up to `slots` due deliveries (one, as a probe) and start their requests;

@@ -137,6 +137,9 @@ class FakePublisher:
         self.requests: list[Request] = []
         self.in_flight = 0
         self.most_in_flight = 0
+        self.reloads = 0
+        self.rotated_token: str | None = None
+        """Set to make the next `reload_credentials` report a changed token."""
 
     async def publish(self, body: bytes, *, deadline: float | None = None) -> WebhookAnswer:
         self.requests.append(Request(time.monotonic(), json.loads(body)))
@@ -155,6 +158,15 @@ class FakePublisher:
             started_at=datetime.now(UTC),
             error=None if answered == 200 else f"HTTP {answered}",
         )
+
+    def reload_credentials(self) -> bool:
+        """True once after `rotated_token` is set, as a token file read anew."""
+        self.reloads += 1
+        rotated, self.rotated_token = self.rotated_token, None
+        return rotated is not None
+
+    def token_read_at(self) -> datetime | None:
+        return None
 
     async def aclose(self) -> None:
         return None

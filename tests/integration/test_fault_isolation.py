@@ -123,7 +123,7 @@ class World:
             **FAST,
             **overrides,
         }
-        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+        return Settings(_env_file=None, **values)
 
     def store(self, **overrides: Any) -> Store:
         return build_store(self.settings(**overrides), self.engine)

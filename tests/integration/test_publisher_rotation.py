@@ -4,14 +4,19 @@ Partner API client against the real emulator on loopback, whose keys change at r
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from app.db import create_engine
 from app.publisher import PartnerApi, PartnerApiError, Transport, make_publisher
 from app.secret_files import SecretSource
-from tests.conftest import Launcher
+from mozrest_outbox import outbox_insert
+from tests import factories
+from tests.conftest import Launcher, eventually, free_port
 
 SEATED = {
     "bookingId": "rot-1",
@@ -147,3 +152,76 @@ async def test_pos_tables_with_a_plain_key_is_refused_at_once(launcher: Launcher
             await api.pos_tables("venue-1")
     finally:
         await api.aclose()
+
+
+async def test_a_rotated_webhook_token_file_resumes_delivery_without_a_restart(
+    launcher: Launcher, tmp_path: Path, database_url: str
+) -> None:
+    """End to end: a running `mozrest-relay run` whose token Mozrest stops accepting pauses
+    (401, nothing dead-lettered) while a backlog waits; once the Secret's file holds the new
+    token, delivery resumes within one cool-down, in the same process, and `/readyz` says when
+    the file was read."""
+    emulator = launcher.emulator(token="token-1", api_key="key-1")
+    assert emulator.url is not None
+    path = secret_file(tmp_path, "webhook-token", "token-1")
+    port = free_port()
+    cooldown = 2.0
+    relay = launcher.start(
+        "run",
+        env={
+            "DATABASE_URL": database_url,
+            "MOZREST_WEBHOOK_URL": f"{emulator.url}/rms",
+            "MOZREST_WEBHOOK_TOKEN_FILE": str(path),
+            "RELAY_ADMIN_TOKEN": "admin",
+            "RELAY_PORT": str(port),
+            "RELAY_CIRCUIT_COOLDOWN": f"{cooldown}s",
+            "RELAY_POLL_INTERVAL": "20ms",
+            "RELAY_HEARTBEAT_INTERVAL": "200ms",
+        },
+        wait_url=f"http://127.0.0.1:{port}/healthz",
+    )
+    base = f"http://127.0.0.1:{port}"
+    admin = {"Authorization": "Bearer admin"}
+    async with httpx.AsyncClient(base_url=base, headers=admin, timeout=10) as api:
+        await _enqueue(database_url, factories.state("rot-first"))
+        await eventually(lambda: _held(emulator.url, "rot-first"), timeout=10, message="first")
+        rotate_emulator(emulator.url, token="token-2")
+        backlog = [factories.state(f"rot-{i}") for i in range(5)]
+        for payload in backlog:
+            await _enqueue(database_url, payload)
+
+        async def paused() -> bool:
+            ready = (await api.get("/readyz")).json()
+            return ready["checks"]["mozrest"].startswith("credentials rejected")
+
+        await eventually(paused, timeout=10, message="the credentials pause")
+        assert (
+            "token file was last read at" in (await api.get("/readyz")).json()["checks"]["mozrest"]
+        )
+        path.write_text("token-2\n")
+        rotated_at = time.monotonic()
+        for payload in backlog:
+            await eventually(
+                lambda p=payload: _held(emulator.url, p["bookingId"]),
+                timeout=cooldown + 8,
+                message=f"{payload['bookingId']} delivered after the rotation",
+            )
+        assert time.monotonic() - rotated_at < cooldown + 5
+        dead = (await api.get("/api/deliveries", params={"status": "dead"})).json()
+        assert dead["items"] == []
+    assert relay.popen.poll() is None  # no restart
+
+
+async def _enqueue(database_url: str, payload: dict[str, Any]) -> None:
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(outbox_insert(payload))
+    finally:
+        await engine.dispose()
+
+
+async def _held(emulator_url: str, booking_id: str) -> bool:
+    async with httpx.AsyncClient(timeout=5) as client:
+        held = (await client.get(f"{emulator_url}/_emulator/bookings")).json()["items"]
+    return booking_id in held

@@ -163,3 +163,20 @@ async def test_stopping_cuts_off_requests_that_outlast_the_grace() -> None:
     await asyncio.wait_for(task, 5)
     assert time.monotonic() - started < 0.2 + 0.5
     assert store.released == []
+
+
+async def test_a_rotated_token_is_probed_at_once_and_sending_resumes() -> None:
+    """While Mozrest answers 401 the worker re-reads its token file before each look for a
+    probe; a rotated token is probed at once, not after the cool-down, and sending resumes."""
+    accepted_token = False
+    store = FakeStore()
+    publisher = FakePublisher(lambda body: 200 if accepted_token else 401)
+    store.add(*(f"bk-{i}" for i in range(3)))
+    slow_cooldown = dataclasses.replace(FAST, circuit_cooldown_seconds=30.0)
+    async with running(store, publisher, slow_cooldown) as worker:
+        await until(lambda: worker.credentials_state == "rejected", "credentials rejected")
+        assert publisher.reloads > 0  # read again while rejected
+        accepted_token, publisher.rotated_token = True, "new-token"
+        await until(lambda: store.verdicts()[Verdict.DELIVERED] == 3, "sending resumed", 2.0)
+        assert worker.credentials_state == "ok"
+    assert Verdict.DEAD not in store.verdicts()

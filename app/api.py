@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
 from app import __version__, metrics
@@ -32,6 +33,7 @@ from app.deps import (
 from app.logs import configure_logging, get_logger, log_event
 from app.publisher import PartnerApi
 from app.routes import router
+from app.routes_venues import router as venues_router
 from app.runtime import assemble, bind_socket
 from app.secret_files import SecretSource
 from app.settings import Settings
@@ -47,6 +49,29 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 class _AsciiJSONResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
         return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def unknown_routes(*routers: APIRouter) -> APIRouter:
+    """Unknown `/api/*` paths answer 404 only after the admin token check, like the rest; a
+    known path asked with another method answers 405 naming the methods it takes."""
+    fallback = APIRouter()
+
+    @fallback.api_route(
+        "/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False
+    )
+    async def unknown_route(path: str) -> None:
+        allowed: set[str] = set()
+        for route in (route for routes in routers for route in routes.routes):
+            if isinstance(route, APIRoute) and route.include_in_schema:
+                if route.path_regex.match(f"/{path}"):
+                    allowed |= route.methods or set()
+        if allowed:
+            raise HTTPException(
+                405, "Method Not Allowed", headers={"Allow": ", ".join(sorted(allowed))}
+            )
+        raise HTTPException(404, "Not Found")
+
+    return fallback
 
 
 def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
@@ -137,9 +162,11 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
                 await asyncio.wait_for(refresh_gauges(context), timeout=2)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(
-        router, prefix="/api", dependencies=[Depends(require_admin), Depends(require_schema)]
-    )
+    guarded = [Depends(require_admin), Depends(require_schema)]
+    app.include_router(router, prefix="/api", dependencies=guarded)
+    app.include_router(venues_router, prefix="/api", dependencies=guarded)
+    # Last: what no route above matched.
+    app.include_router(unknown_routes(router, venues_router), prefix="/api", dependencies=guarded)
     return app
 
 
@@ -226,6 +253,9 @@ async def refresh_gauges(context: AppContext) -> None:
         metrics.DELIVERIES.labels(status=status).set(count)
     metrics.OLDEST_PENDING_AGE.set(stats.oldest_pending_age_seconds or 0.0)
     metrics.LIVE_WORKERS.set(stats.live_workers)
+    metrics.VENUES_PAUSED.set(stats.venues_paused)
+    metrics.REQUEST_RATE.set(stats.request_rate)
+    metrics.RATE_LIMIT.set(context.settings.relay_rate_limit)
     # This process's own worker knows its circuit before its next heartbeat says so.
     own_circuit_open = context.worker is not None and context.worker.circuit_state != "closed"
     metrics.CIRCUIT_OPEN.set(1 if stats.circuit != "closed" or own_circuit_open else 0)

@@ -399,6 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
         "relay can deliver",
     )
     doctor.epilog = textwrap.fill(README_POINTER, width=78)
+    from app.cli_venues import cmd_venue, configure
+
+    configure(
+        add(
+            "venue",
+            cmd_venue,
+            "list venues, or pause or resume one (the same as /api/venues)",
+            DATABASE_SETTINGS,
+        )
+    )
     doctor.add_argument(
         "--venue",
         metavar="VENUE_ID",
@@ -429,10 +439,14 @@ def _report(error: Exception, command: str) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from app.runtime import CommandError, describe_database_error
+    from app.store import ConflictError, NotFoundError
 
     if isinstance(error, CommandError):
         _error(str(error))
         return error.exit_status
+    if isinstance(error, NotFoundError | ConflictError):
+        _error(str(error))
+        return EXIT_FAILED
     if isinstance(error, SQLAlchemyError):
         # Its text carries the statement and parameters: only the driver's words are shown.
         _error(f"DATABASE_URL: the database failed: {describe_database_error(error)}")

@@ -297,6 +297,18 @@ def is_outage(exc: BaseException) -> bool:
     return False
 
 
+def is_row_fault(exc: BaseException) -> bool:
+    """Whether `exc`, raised while the store worked on some rows or answers (and not an
+    outage), can be the fault of what they hold: a value or a constraint the database refused,
+    text it could not encode. A mistake of ours (a statement that does not compile, a wrong
+    argument) is not: setting rows aside for it would mark good rows invalid."""
+    if isinstance(exc, sa_exc.DBAPIError):
+        return True
+    if isinstance(exc, sa_exc.StatementError):  # a parameter that could not be bound
+        return isinstance(exc.orig, UnicodeError | ValueError | OverflowError | TypeError)
+    return isinstance(exc, UnicodeError | ValueError | OverflowError | RecursionError)
+
+
 def translate_errors(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Turn database outages into `StoreError` at the store's boundary (`is_outage`). Anything
     else (a constraint, a value the database refuses, a bug) passes through as it is: retrying

@@ -51,6 +51,17 @@ def require_admin(request: Request, context: ContextDep) -> None:
         raise HTTPException(
             401, "missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"}
         )
+    request.state.token_name = ADMIN_TOKEN_NAME
+
+
+#: The name RELAY_ADMIN_TOKEN's holder goes by (in a venue's `paused_by`, the logs).
+ADMIN_TOKEN_NAME = "admin"  # noqa: S105 - a name, not a secret
+
+
+def caller_name(request: Request) -> str:
+    """The name of the token the request came with."""
+    name: str = getattr(request.state, "token_name", ADMIN_TOKEN_NAME)
+    return name
 
 
 #: Every reason `/readyz` gives ends by pointing here: it checks the whole set-up.

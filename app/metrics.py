@@ -37,6 +37,15 @@ LIVE_WORKERS = Gauge(
     "mozrest_relay_live_workers",
     "Relay worker processes with a recent heartbeat (whole relay).",
 )
+VENUES_PAUSED = Gauge("mozrest_relay_venues_paused", "Venues paused by an operator (whole relay).")
+RATE_LIMIT = Gauge(
+    "mozrest_relay_rate_limit",
+    "RELAY_RATE_LIMIT: webhook requests per second for the whole relay; 0 for none.",
+)
+REQUEST_RATE = Gauge(
+    "mozrest_relay_request_rate",
+    "Webhook requests per second over the last 10 s, all live relay processes.",
+)
 
 # Every label a dashboard expects exists from the start, at zero.
 for _outcome in ("queued", "unchanged", "held", "superseded", "invalid"):

@@ -6,6 +6,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Float,
     Index,
     Integer,
     String,
@@ -153,7 +154,37 @@ worker = Table(
     Column("stopped_at", UTCDateTime(), nullable=True),
     Column("circuit", String(16), nullable=False, server_default=text("'closed'")),
     Column("credentials", String(16), nullable=False, server_default=text("'ok'")),
+    # Webhook requests per second this process sent over its last ten seconds (its heartbeat);
+    # the live processes' sum is the relay's rate.
+    Column("request_rate", Float, nullable=False, server_default=text("0")),
     Index("ix_mozrest_worker_heartbeat_at", "heartbeat_at"),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+# A venue the relay has seen, with its operator's settings. Ingest adds each venue it meets; the
+# row is also the venue's mutex for parking and un-parking its deliveries (`store/venues.py`).
+venue = Table(
+    "mozrest_venue",
+    metadata,
+    Column("venue_id", String(64), primary_key=True),
+    Column("paused", Boolean, nullable=False, server_default=false()),
+    Column("paused_at", UTCDateTime(), nullable=True),
+    Column("paused_by", String(64), nullable=True),
+    Column("pause_reason", Text, nullable=True),
+    # Whether pre-ordered items are sent to this venue; None follows RELAY_SEND_ITEMS.
+    Column("send_items", Boolean, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False, server_default=utcnow()),
+    Column("updated_at", UTCDateTime(), nullable=False, server_default=utcnow()),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+# The relay-wide rate limit's token bucket (one row, `webhook`): claims take tokens from it.
+rate = Table(
+    "mozrest_rate",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("tokens", Float, nullable=False),
+    Column("refilled_at", UTCDateTime(), nullable=False),
     **MYSQL_TABLE_OPTIONS,
 )
 

@@ -385,6 +385,9 @@ async def get_stats(context: ContextDep) -> Stats:
             "oldest_pending_age_seconds": gauges.oldest_pending_age_seconds,
             "circuit": circuit,
             "credentials": credentials,
+            "venues_paused": gauges.venues_paused,
+            "rate_limit": context.settings.relay_rate_limit,
+            "request_rate": round(gauges.request_rate, 2),
         }
     )
 
@@ -499,23 +502,3 @@ async def get_table_matching(
     pos = await _pos_tables(request, context, venue_id)
     rms_table_ids = await context.store.recent_table_ids(venue_id)
     return match_tables(venue_id, rms_table_ids, pos.tables)
-
-
-@router.api_route(
-    "/{path:path}",
-    methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-    include_in_schema=False,
-)
-async def unknown_route(path: str) -> None:
-    """Unknown `/api/*` paths answer 404 only after the admin token check, like the rest; a
-    known path asked with another method answers 405 naming the methods it takes."""
-    allowed: set[str] = set()
-    for route in router.routes:
-        if isinstance(route, APIRoute) and route.include_in_schema:
-            if route.path_regex.match(f"/{path}"):
-                allowed |= route.methods or set()
-    if allowed:
-        raise HTTPException(
-            405, "Method Not Allowed", headers={"Allow": ", ".join(sorted(allowed))}
-        )
-    raise HTTPException(404, "Not Found")

@@ -172,6 +172,7 @@ def build_store(settings: Settings, engine: AsyncEngine) -> Store:
             max_age_seconds=settings.relay_retry_max_age,
         ),
         credentials_cooldown_seconds=settings.relay_circuit_cooldown,
+        rate_limit=settings.relay_rate_limit,
     )
 
 

@@ -11,6 +11,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    StrictBool,
     WithJsonSchema,
     field_validator,
 )
@@ -78,6 +79,9 @@ class Delivery(BaseModel):
     delivered_at: Timestamp | None
     last_status_code: int | None = Field(description="Mozrest's last HTTP status, if any.")
     last_error: str | None
+    venue_paused: bool = Field(
+        description="Its venue is paused: nothing is sent for it until the venue resumes."
+    )
 
 
 class Attempt(BaseModel):
@@ -186,6 +190,13 @@ class Stats(BaseModel):
     credentials: Literal["ok", "rejected"] = Field(
         description="`rejected` while Mozrest answers 401 to the webhook token."
     )
+    venues_paused: int = Field(description="Venues paused by an operator.")
+    rate_limit: float = Field(
+        description="RELAY_RATE_LIMIT: webhook requests per second for the whole relay; 0: none."
+    )
+    request_rate: float = Field(
+        description="Webhook requests per second over the last 10 s, all live relay processes."
+    )
 
 
 class WorkerProcess(BaseModel):
@@ -239,4 +250,47 @@ class TableMatching(BaseModel):
     )
     unused_pos_tables: list[PosTable] = Field(
         description="POS tables that no recent RMS table id matched."
+    )
+
+
+class VenueDeliveries(BaseModel):
+    pending: int
+    retrying: int
+    dead: int
+
+
+class Venue(BaseModel):
+    """A venue the relay has seen, and its operators' settings."""
+
+    venue_id: str
+    paused: bool
+    paused_at: Timestamp | None
+    paused_by: str | None = Field(description="The name of the token that paused it.")
+    pause_reason: str | None
+    send_items: bool | None = Field(
+        description="Whether pre-ordered items are sent to this venue; null: RELAY_SEND_ITEMS."
+    )
+    deliveries: VenueDeliveries = Field(description="Its waiting and dead deliveries.")
+    dead_last_hour: int = Field(
+        description="Its deliveries that went dead in the last hour (pause a venue whose "
+        "answers are all 4xx)."
+    )
+
+
+class VenuePage(BaseModel):
+    items: list[Venue]
+    next_cursor: str | None
+
+
+class PauseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=500)
+
+
+class VenueUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    send_items: StrictBool | None = Field(
+        description="true or false for this venue; null follows RELAY_SEND_ITEMS."
     )

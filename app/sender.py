@@ -11,8 +11,10 @@ request's deadline is absolute, checked again by the publisher the moment the bo
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import time
 from datetime import UTC, datetime
 
 from app import metrics
@@ -27,6 +29,31 @@ from app.settings import LEASE_MARGIN_SECONDS
 from app.store import AttemptResult, Claim, StoreError, StorePort
 
 log = get_logger("worker")
+
+
+class RequestRate:
+    """Requests this process wrote over the last `window_seconds` (its heartbeat reports it; the
+    live processes' sum is the relay's rate)."""
+
+    def __init__(self, window_seconds: int = 10) -> None:
+        self.window_seconds = window_seconds
+        self._counts: collections.deque[list[int]] = collections.deque()
+
+    def count(self) -> None:
+        second = int(time.monotonic())
+        if self._counts and self._counts[-1][0] == second:
+            self._counts[-1][1] += 1
+        else:
+            self._counts.append([second, 1])
+        self._forget(second)
+
+    def per_second(self) -> float:
+        self._forget(int(time.monotonic()))
+        return sum(count for _, count in self._counts) / self.window_seconds
+
+    def _forget(self, second: int) -> None:
+        while self._counts and self._counts[0][0] <= second - self.window_seconds:
+            self._counts.popleft()
 
 
 class Sender:
@@ -54,6 +81,7 @@ class Sender:
         """Deliveries whose body is being written or is on the wire."""
         self.unsent: list[Claim] = []
         """Claims that never left because the worker was stopping (its drain releases them)."""
+        self.rate = RequestRate()
 
     async def send(self, claim: Claim, claimed_at: float, *, probe: bool) -> None:
         answer = await self._post(claim, claimed_at, probe=probe)
@@ -104,6 +132,8 @@ class Sender:
         else:
             deadline = min(now + self.http_timeout_seconds, lease_ends)
             answer = await self._publish(claim, deadline, started=now)
+            if answer.written:
+                self.rate.count()
             if not answer.lease_expired:
                 return answer
             # Frozen past its deadline before the body was written: nothing left, so the claim

@@ -183,6 +183,13 @@ class Settings(BaseSettings):
         15.0, description="On SIGTERM, how long in-flight requests may finish before release."
     )
     relay_concurrency: int = Field(64, ge=1, le=1024, description="Requests in flight per process.")
+    relay_rate_limit: float = Field(
+        0.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="Webhook requests per second for the whole relay, every replica together; "
+        "0: no limit.",
+    )
     relay_batch_size: int = Field(200, ge=1, le=5000, description="Rows claimed per statement.")
     relay_poll_interval: Duration = Field(
         0.05, description="How often an idle worker looks for new rows."

@@ -481,7 +481,10 @@ class Worker:
         while not self._stopping.is_set():
             with contextlib.suppress(StoreError):
                 await self.store.heartbeat(
-                    self.id, circuit=self.circuit_state, credentials=self.credentials_state
+                    self.id,
+                    circuit=self.circuit_state,
+                    credentials=self.credentials_state,
+                    request_rate=self.sender.rate.per_second(),
                 )
             self.gates.changed.clear()
             await self._wait(self.gates.changed, self.config.heartbeat_interval_seconds)

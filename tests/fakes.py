@@ -101,7 +101,9 @@ class FakeStore:
     async def register_worker(self, info: WorkerInfo) -> None:
         self.registered.append(info)
 
-    async def heartbeat(self, worker_id: str, *, circuit: str, credentials: str) -> None:
+    async def heartbeat(
+        self, worker_id: str, *, circuit: str, credentials: str, request_rate: float = 0.0
+    ) -> None:
         self.heartbeats.append((circuit, credentials))
 
     async def mark_stopped(self, worker_id: str) -> None:

@@ -9,6 +9,8 @@
 | `outcomes` | attempts, and what they make of their deliveries and snapshots |
 | `upkeep` | the processes' heartbeats, retention, health checks |
 | `admin`, `replay` | the admin API's reads, and operators' requeues and cancels |
+| `venues` | pause and resume, per-venue settings; what ingest and claims must know of them |
+| `rate` | the relay-wide rate limit's shared token bucket |
 
 Every store function reads, decides with a pure function of `app.policy` (`decide`,
 `plan_lease`, `RetryPolicy.settle`), then writes. Database outages come out as `StoreError`
@@ -28,6 +30,7 @@ from app.store.dispatch import Dispatch
 from app.store.ingest import Ingest
 from app.store.outcomes import Outcomes
 from app.store.port import StorePort
+from app.store.rate import RateLimit
 from app.store.records import (
     AttemptResult,
     Claim,
@@ -39,6 +42,7 @@ from app.store.records import (
 from app.store.replay import Replays
 from app.store.toolkit import Toolkit, statement_names
 from app.store.upkeep import PRUNE_BATCH_SIZE, Upkeep
+from app.store.venues import VenueRules, Venues
 
 
 class Store:
@@ -53,6 +57,7 @@ class Store:
         max_payload_bytes: int = 65536,
         retry_policy: RetryPolicy | None = None,
         credentials_cooldown_seconds: float = 10.0,
+        rate_limit: float = 0.0,
     ) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
@@ -60,17 +65,22 @@ class Store:
         self.retry_policy = dataclasses.replace(
             retry_policy or RetryPolicy(), credentials_cooldown_seconds=credentials_cooldown_seconds
         )
+        rules = VenueRules(self.tools)
+        rate = RateLimit(self.tools, per_second=rate_limit)
         ingest = Ingest(
             self.tools,
             send_statuses=send_statuses,
             send_items=send_items,
             max_payload_bytes=max_payload_bytes,
+            rules=rules,
+            rate=rate,
         )
-        dispatch = Dispatch(self.tools)
+        dispatch = Dispatch(self.tools, rules=rules, rate=rate)
         outcomes = Outcomes(self.tools, retry_policy=self.retry_policy)
         upkeep = Upkeep(self.tools)
         admin = AdminQueries(self.tools)
         replays = Replays(self.tools)
+        venues = Venues(self.tools, rules)
         # The worker's side.
         self.ingest = ingest.run
         self.claim_due = dispatch.claim_due
@@ -94,6 +104,12 @@ class Store:
         self.requeue_delivery = replays.requeue_delivery
         self.requeue_deliveries = replays.requeue_deliveries
         self.cancel_delivery = replays.cancel_delivery
+        self.list_venues = venues.list_venues
+        self.get_venue = venues.get_venue
+        self.pause_venue = venues.pause
+        self.resume_venue = venues.resume
+        self.update_venue = venues.update_settings
+        self.count_paused_venues = venues.count_paused
 
 
 __all__ = [

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import false, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db import translate_errors
-from app.models import ACTIVE_STATUSES, STATUSES, attempt, booking, delivery, outbox, worker
+from app.models import ACTIVE_STATUSES, STATUSES, attempt, booking, delivery, outbox, venue, worker
 from app.store.toolkit import Toolkit
 
 #: Statuses an operator may requeue, and the ones that may be cancelled.
@@ -62,6 +62,14 @@ OUTBOX_COLUMNS = (
 Record = dict[str, Any]
 
 
+def deliveries_query(*extra: Any) -> Any:
+    """Deliveries as lists show them, with whether their venue is paused now."""
+    paused = func.coalesce(venue.c.paused, false()).label("venue_paused")
+    return select(*DELIVERY_COLUMNS, paused, *extra).select_from(
+        delivery.outerjoin(venue, venue.c.venue_id == delivery.c.venue_id)
+    )
+
+
 class NotFoundError(Exception):
     """The delivery or booking asked for does not exist."""
 
@@ -77,6 +85,7 @@ class FleetHealth:
     live_workers: int
     circuit_open: bool
     credentials_rejected: bool
+    request_rate: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +96,9 @@ class Gauges:
     circuit: str
     credentials: str
     live_workers: int = 0
+    venues_paused: int = 0
+    request_rate: float = 0.0
+    """Webhook requests per second over the last 10 s, all live processes (their heartbeats)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +115,7 @@ class BookingRecord:
 
 async def fetch_delivery(conn: AsyncConnection, delivery_id: int) -> Record:
     """One delivery as lists show it."""
-    row = (await conn.execute(select(*DELIVERY_COLUMNS).where(delivery.c.id == delivery_id))).one()
+    row = (await conn.execute(deliveries_query().where(delivery.c.id == delivery_id))).one()
     return dict(row._mapping)
 
 
@@ -119,7 +131,7 @@ class AdminQueries:
         now = await self.tools.now(conn)
         rows = (
             await conn.execute(
-                select(worker.c.circuit, worker.c.credentials).where(
+                select(worker.c.circuit, worker.c.credentials, worker.c.request_rate).where(
                     worker.c.stopped_at.is_(None),
                     worker.c.heartbeat_at >= now - timedelta(seconds=stale_after_seconds),
                 )
@@ -129,6 +141,7 @@ class AdminQueries:
             live_workers=len(rows),
             circuit_open=any(r.circuit != "closed" for r in rows),
             credentials_rejected=any(r.credentials != "ok" for r in rows),
+            request_rate=sum(r.request_rate for r in rows),
         )
 
     @translate_errors
@@ -161,6 +174,11 @@ class AdminQueries:
                 )
             ).scalar()
             fleet = await self._fleet(conn, stale_after_seconds)
+            venues_paused = (
+                await conn.execute(
+                    select(func.count()).select_from(venue).where(venue.c.paused.is_(True))
+                )
+            ).scalar_one()
         oldest = min((t for t in (unprocessed[1], oldest_delivery) if t is not None), default=None)
         return Gauges(
             deliveries=dict(counts),
@@ -171,6 +189,8 @@ class AdminQueries:
             circuit="open" if fleet.circuit_open else "closed",
             credentials="rejected" if fleet.credentials_rejected else "ok",
             live_workers=fleet.live_workers,
+            venues_paused=int(venues_paused),
+            request_rate=fleet.request_rate,
         )
 
     @translate_errors
@@ -211,7 +231,7 @@ class AdminQueries:
         limit: int,
     ) -> list[Record]:
         """Up to `limit` deliveries below `before_id`, newest first."""
-        query = select(*DELIVERY_COLUMNS)
+        query = deliveries_query()
         if status is not None:
             query = query.where(delivery.c.status == status)
         if venue_id is not None:
@@ -230,9 +250,7 @@ class AdminQueries:
         async with self.tools.read() as conn:
             row = (
                 await conn.execute(
-                    select(*DELIVERY_COLUMNS, delivery.c.payload).where(
-                        delivery.c.id == delivery_id
-                    )
+                    deliveries_query(delivery.c.payload).where(delivery.c.id == delivery_id)
                 )
             ).first()
             if row is None:
@@ -270,7 +288,7 @@ class AdminQueries:
             deliveries = [
                 dict(row._mapping)
                 for row in await conn.execute(
-                    select(*DELIVERY_COLUMNS)
+                    deliveries_query()
                     .where(delivery.c.booking_id == booking_id)
                     .order_by(delivery.c.id.desc())
                     .limit(BOOKING_DELIVERIES_LIMIT)

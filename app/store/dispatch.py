@@ -19,8 +19,10 @@ from app.db import translate_errors
 from app.models import booking, delivery
 from app.policy import Waiting, plan_lease
 from app.store import bookings
+from app.store.rate import RateLimit
 from app.store.records import Claim
 from app.store.toolkit import ACTIVE, Toolkit, statement
+from app.store.venues import VenueRules, park, paused_now
 
 
 @statement("dispatch.due_bookings")
@@ -77,8 +79,10 @@ def _release(tools: Toolkit) -> Any:
 class Dispatch:
     """Claims and their release (`Store.claim_due`, `Store.release`)."""
 
-    def __init__(self, tools: Toolkit) -> None:
+    def __init__(self, tools: Toolkit, *, rules: VenueRules, rate: RateLimit) -> None:
         self.tools = tools
+        self.rules = rules
+        self.rate = rate
 
     @translate_errors
     async def claim_due(
@@ -116,11 +120,26 @@ class Dispatch:
             chosen, stale, held = self._plan(candidates, known, active, now, limit)
             await bookings.supersede(self.tools, conn, stale, now)
             await bookings.hold(self.tools, conn, held, now)
+            chosen = await self._park_paused(conn, chosen, now)
             if chosen and take is not None:
                 chosen = chosen[: max(0, take(len(chosen)))]
+            chosen = chosen[: await self.rate.take(conn, len(chosen), now)]
             if not chosen:
                 return []
             return await self._lease(conn, chosen, known, worker_id, lease_seconds, now)
+
+    async def _park_paused(
+        self, conn: AsyncConnection, chosen: list[Any], now: datetime
+    ) -> list[Any]:
+        """Park what came due for a paused venue (a retry, a lease run out, a claim given
+        back); the rest may go."""
+        rules = await self.rules.current(conn)
+        suspect = {d.venue_id for d in chosen if d.venue_id in rules.paused}
+        if not suspect:
+            return chosen
+        paused = await paused_now(self.tools, conn, suspect)
+        await park(self.tools, conn, [d for d in chosen if d.venue_id in paused], now)
+        return [d for d in chosen if d.venue_id not in paused]
 
     @staticmethod
     def _plan(

@@ -35,13 +35,15 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.contract import ContractError, State, parse_row
-from app.db import clock_now, is_outage, translate_errors
+from app.db import clock_now, is_outage, is_row_fault, translate_errors
 from app.logs import get_logger, log_event
 from app.models import booking, delivery, outbox
 from app.policy import BookingView, Decision, Outcome, Waiting, decide, plan_lease
 from app.store import bookings
+from app.store.rate import RateLimit
 from app.store.records import Claim, IngestReport, LeaseRequest
 from app.store.toolkit import RowsRefused, Toolkit, statement
+from app.store.venues import Rules, VenueRules, add_seen, paused_now
 from app.text import storable
 
 log = get_logger("store")
@@ -61,6 +63,8 @@ class _Batch:
     reached: set[str] = field(default_factory=set)
     """Bookings whose older states in this batch had a send status (seated, then finished
     before the seated state left, is sent as finished)."""
+    paused: set[str] = field(default_factory=set)
+    """Venues paused now: their new deliveries are parked."""
 
 
 @dataclass(slots=True)
@@ -176,11 +180,15 @@ class Ingest:
         send_statuses: frozenset[str],
         send_items: bool,
         max_payload_bytes: int,
+        rules: VenueRules,
+        rate: RateLimit,
     ) -> None:
         self.tools = tools
         self.send_statuses = send_statuses
         self.send_items = send_items
         self.max_payload_bytes = max_payload_bytes
+        self.rules = rules
+        self.rate = rate
 
     async def run(self, *, limit: int, lease: LeaseRequest | None = None) -> IngestReport | None:
         """Give the oldest unprocessed outbox rows their outcome; None if another process is
@@ -240,13 +248,13 @@ class Ingest:
             try:
                 return await self._decide(conn, rows, limit=limit, lease=lease)
             except Exception as exc:
-                if is_outage(exc):
+                if is_outage(exc) or not is_row_fault(exc):
                     raise
                 raise RowsRefused([row.id for row in rows]) from exc
 
-    def _parse(self, rows: Sequence[Any]) -> _Batch:
-        """Validate each row; an older state of a booking in the batch is superseded by its
-        newer one at once."""
+    def _parse(self, rows: Sequence[Any], rules: Rules) -> _Batch:
+        """Validate each row (items stripped where the venue, or RELAY_SEND_ITEMS, says so); an
+        older state of a booking in the batch is superseded by its newer one at once."""
         batch = _Batch(rows=rows, now=max(row.now for row in rows))
         for row in rows:
             try:
@@ -254,7 +262,7 @@ class Ingest:
                     row.payload_text,
                     booking_id=row.booking_id,
                     venue_id=row.venue_id,
-                    send_items=self.send_items,
+                    send_items=rules.sends_items(row.venue_id, self.send_items),
                     max_payload_bytes=self.max_payload_bytes,
                 )
             except ContractError as exc:
@@ -272,7 +280,8 @@ class Ingest:
         self, conn: AsyncConnection, rows: Sequence[Any], *, limit: int, lease: LeaseRequest | None
     ) -> IngestReport:
         """Read what the batch's bookings hold, decide each newest state, write."""
-        batch = self._parse(rows)
+        rules = await self.rules.current(conn)
+        batch = self._parse(rows, rules)
         known = await bookings.lock_bookings(self.tools, conn, batch.newest, with_snapshot=True)
         # A booking with no row yet has no deliveries (both are created together, and a booking
         # row is pruned only when it has none active): the read covers known bookings only.
@@ -284,6 +293,12 @@ class Ingest:
             undecided = await bookings.unread_after(
                 self.tools, conn, dict.fromkeys(batch.newest, rows[-1].id)
             )
+        # Deliveries of a paused venue are made parked (checked under the venue's lock).
+        batch.paused = await paused_now(
+            self.tools,
+            conn,
+            (row.venue_id for row, _ in batch.newest.values() if row.venue_id in rules.paused),
+        )
         writes = _Writes()
         for booking_id in sorted(batch.newest):
             self._decide_booking(
@@ -344,6 +359,9 @@ class Ingest:
             return
         delivery_row = self._new_delivery(row, state, decision, in_flight, known, now)
         writes.new_deliveries.append(delivery_row)
+        if row.venue_id in batch.paused:
+            delivery_row["next_attempt_at"] = None  # parked until the venue resumes
+            return
         plan = plan_lease(
             [
                 *(Waiting(d.outbox_id, d.payload["status"], True, False) for d in in_flight),
@@ -406,7 +424,8 @@ class Ingest:
         expires = now + timedelta(seconds=lease.seconds) if lease is not None else now
         if lease is not None and writes.leasable:
             writes.leasable.sort(key=lambda pair: pair[0]["outbox_id"])  # oldest states first
-            for delivery_row, values in writes.leasable[: lease.grant(len(writes.leasable))]:
+            granted = await self.rate.take(conn, lease.grant(len(writes.leasable)), now)
+            for delivery_row, values in writes.leasable[:granted]:
                 delivery_row.update(
                     lease_owner=lease.worker_id,
                     lease_token=token,
@@ -416,6 +435,7 @@ class Ingest:
                 leased[delivery_row["outbox_id"]] = delivery_row
                 values["sent_outbox_id"] = delivery_row["outbox_id"]
         if writes.new_bookings:
+            await add_seen(self.tools, conn, (b["venue_id"] for b in writes.new_bookings), now)
             await conn.execute(
                 self.tools.statement("ingest.insert_bookings"),
                 [dict(b, created_at=now, updated_at=now) for b in writes.new_bookings],

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import bindparam, case, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.db import is_outage, translate_errors
+from app.db import is_outage, is_row_fault, translate_errors
 from app.logs import get_logger, log_event
 from app.models import attempt, booking, delivery
 from app.policy import RetryPolicy, Verdict
@@ -186,7 +186,7 @@ class Outcomes:
         try:
             return await self._transaction(results, worker_id=worker_id)
         except Exception as exc:
-            if is_outage(exc):
+            if is_outage(exc) or not is_row_fault(exc):
                 raise
             raise RowsRefused([r.claim.delivery_id for r in results]) from exc
 

@@ -87,9 +87,11 @@ class Toolkit:
         value: datetime = (await conn.execute(self.statement("clock.now"))).scalar_one()
         return value
 
-    async def take_lock(self, conn: AsyncConnection, name: str) -> bool:
-        """Hold the named process-wide mutex for this transaction, or False if another has it."""
-        row = (await conn.execute(self.statement("lock.take"), {"name": name})).first()
+    async def take_lock(self, conn: AsyncConnection, name: str, *, wait: bool = False) -> bool:
+        """Hold the named process-wide mutex for this transaction; False if another has it,
+        unless `wait`, which waits for it (bounded by the session's lock timeout)."""
+        query = self.statement("lock.wait" if wait else "lock.take")
+        row = (await conn.execute(query, {"name": name})).first()
         return row is not None
 
     def in_(self, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
@@ -114,6 +116,11 @@ class Toolkit:
 @statement("clock.now")
 def _clock(tools: Toolkit) -> Any:
     return select(clock_now())
+
+
+@statement("lock.wait")
+def _lock_wait(tools: Toolkit) -> Any:
+    return select(lock.c.name).where(lock.c.name == bindparam("name")).with_for_update()
 
 
 @statement("lock.take")

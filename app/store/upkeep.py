@@ -31,6 +31,7 @@ def _heartbeat(tools: Toolkit) -> Any:
             heartbeat_at=bindparam("now"),
             circuit=bindparam("circuit"),
             credentials=bindparam("credentials"),
+            request_rate=bindparam("request_rate"),
         )
     )
 
@@ -57,7 +58,9 @@ class Upkeep:
             )
 
     @translate_errors
-    async def heartbeat(self, worker_id: str, *, circuit: str, credentials: str) -> None:
+    async def heartbeat(
+        self, worker_id: str, *, circuit: str, credentials: str, request_rate: float = 0.0
+    ) -> None:
         async with self.tools.write() as conn:
             now = await self.tools.now(conn)
             await conn.execute(
@@ -67,6 +70,7 @@ class Upkeep:
                     "now": now,
                     "circuit": circuit,
                     "credentials": credentials,
+                    "request_rate": request_rate,
                 },
             )
 

@@ -9,9 +9,6 @@ Mozrest's answers; a few states are set with SQL where only time could produce t
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,19 +16,15 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import insert, update
+from sqlalchemy import update
 
-from app.api import create_app
-from app.models import STATUSES, delivery, outbox, worker
-from app.policy import Verdict
+from app.models import STATUSES, worker
 from app.routes import decode_cursor, encode_cursor
-from app.settings import load_settings
-from app.store import AttemptResult, Store, WorkerInfo
+from app.store import WorkerInfo
 from tests import factories
 from tests.conftest import Launcher, PostgresDatabases, Process, free_port, wait_http
+from tests.integration.conftest import ADMIN_TOKEN, AUTH, Api, running_api
 
-ADMIN_TOKEN = "adm-secret"
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 API_KEY = "test-key"
 SECTION_7_FAMILIES = {
     "mozrest_relay_outbox_rows",
@@ -57,6 +50,7 @@ DELIVERY_FIELDS = {
     "delivered_at",
     "last_status_code",
     "last_error",
+    "venue_paused",
 }
 UTC_ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00$")
 
@@ -64,88 +58,6 @@ UTC_ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00$")
 def state(booking_id: str, *, venue_id: str = "v1", **changes: Any) -> dict[str, Any]:
     """A valid seated state at this module's venue `v1`."""
     return factories.state(booking_id, venue_id=venue_id, **changes)
-
-
-@dataclass
-class Api:
-    """An app with its lifespan running, an authorised client, and the app's own store."""
-
-    app: FastAPI
-    client: httpx.AsyncClient
-    store: Store
-
-    async def write(self, *payloads: dict[str, Any], ingest: bool = True) -> list[int]:
-        """Insert outbox rows as the RMS does (and ingest them); answers their ids."""
-        ids = []
-        async with self.store.engine.begin() as conn:
-            for payload in payloads:
-                result = await conn.execute(
-                    insert(outbox)
-                    .values(
-                        booking_id=payload.get("bookingId", "?"),
-                        venue_id=payload.get("venueId", "?"),
-                        payload=payload,
-                    )
-                    .returning(outbox.c.id)
-                )
-                ids.append(int(result.scalar_one()))
-        if ingest:
-            await self.store.ingest(limit=1000)
-        return ids
-
-    async def answer(self, status_code: int) -> list[int]:
-        """Claim every due delivery and record Mozrest's answer `status_code` for each."""
-        verdict = {200: Verdict.DELIVERED, 400: Verdict.DEAD, 503: Verdict.RETRY}[status_code]
-        claims = await self.store.claim_due(worker_id="test", limit=1000, lease_seconds=30)
-        await self.store.record(
-            [
-                AttemptResult(
-                    claim=claim,
-                    verdict=verdict,
-                    started_at=datetime.now(UTC),
-                    duration_ms=7,
-                    status_code=status_code,
-                    error=None if status_code == 200 else f"HTTP {status_code}",
-                    response_body='{"detail": "answer"}',
-                )
-                for claim in claims
-            ],
-            worker_id="test",
-        )
-        return [claim.delivery_id for claim in claims]
-
-    async def set_delivery(self, delivery_id: int, **values: Any) -> None:
-        async with self.store.engine.begin() as conn:
-            await conn.execute(update(delivery).where(delivery.c.id == delivery_id).values(values))
-
-    async def deliveries(self, **params: Any) -> list[dict[str, Any]]:
-        response = await self.client.get("/api/deliveries", params={"limit": 500, **params})
-        assert response.status_code == 200, response.text
-        items: list[dict[str, Any]] = response.json()["items"]
-        return items
-
-
-@asynccontextmanager
-async def running_api(database_url: str, **overrides: Any) -> AsyncIterator[Api]:
-    settings = load_settings(
-        _env_file=None,
-        database_url=database_url,
-        relay_admin_token=overrides.pop("relay_admin_token", ADMIN_TOKEN),
-        **overrides,
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://relay", headers=AUTH
-        ) as client:
-            yield Api(app=app, client=client, store=app.state.context.store)
-
-
-@pytest.fixture
-async def api(database_url: str) -> AsyncIterator[Api]:
-    async with running_api(database_url) as running:
-        yield running
 
 
 def api_requests(app: FastAPI) -> list[tuple[str, str]]:
@@ -168,7 +80,7 @@ def api_requests(app: FastAPI) -> list[tuple[str, str]]:
 async def test_every_api_route_needs_the_admin_token(api: Api) -> None:
     """Every /api route, known or not, answers 401 without the token or with a wrong one."""
     requests = api_requests(api.app)
-    assert len(requests) == 13
+    assert len(requests) == 18
     wrong = [
         {},
         {"Authorization": "Bearer nope"},
@@ -669,6 +581,9 @@ async def test_empty_stats(api: Api) -> None:
         "oldest_pending_age_seconds": None,
         "circuit": "closed",
         "credentials": "ok",
+        "venues_paused": 0,
+        "rate_limit": 0.0,
+        "request_rate": 0.0,
     }
 
 

@@ -1,0 +1,96 @@
+"""`mozrest-relay venue list|pause|resume VENUE`: venue control from a terminal.
+
+The same store calls as `/api/venues`, straight on the database (`DATABASE_URL`), under the
+operator's name (`--by`, default the user running the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from app.settings import Settings, load_settings
+
+#: The widest venue id column `venue list` prints before it stops aligning.
+ID_COLUMN_MAX = 40
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="the venues the relay has seen, paused ones marked")
+    pause = actions.add_parser("pause", help="pause a venue: its states wait, nothing is sent")
+    pause.add_argument("venue_id", metavar="VENUE")
+    pause.add_argument("--reason", default=None, help="why (shown to other operators)")
+    pause.add_argument("--by", default=None, help="the operator's name (default: your user)")
+    resume = actions.add_parser(
+        "resume", help="resume a venue: each booking's newest waiting state is sent once"
+    )
+    resume.add_argument("venue_id", metavar="VENUE")
+
+
+def cmd_venue(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    if args.action == "list":
+        venues = _run(settings, lambda store: _all_venues(store))
+        _print_venues(venues)
+        return 0
+    if args.action == "pause":
+        if args.reason is not None and len(args.reason) > 500:
+            from app.runtime import CommandError
+
+            raise CommandError("--reason: at most 500 characters", exit_status=2)
+        by = (args.by or getpass.getuser())[:64]
+        venue = _run(
+            settings, lambda store: store.pause_venue(args.venue_id, by=by, reason=args.reason)
+        )
+    else:
+        venue = _run(settings, lambda store: store.resume_venue(args.venue_id))
+    _print_venues([venue])
+    return 0
+
+
+async def _all_venues(store: Any) -> list[dict[str, Any]]:
+    venues: list[dict[str, Any]] = []
+    after = None
+    while True:
+        page = await store.list_venues(after_id=after, limit=500)
+        venues += page
+        if len(page) < 500:
+            return venues
+        after = page[-1]["venue_id"]
+
+
+def _run(settings: Settings, call: Callable[[Any], Awaitable[Any]]) -> Any:
+    from app.runtime import build_engine, build_store, check_database
+
+    async def main() -> Any:
+        await check_database(settings, require_schema=True)
+        engine = build_engine(settings)
+        try:
+            return await call(build_store(settings, engine))
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(main())
+
+
+def _print_venues(venues: list[dict[str, Any]]) -> None:
+    if not venues:
+        print("no venues yet: the relay adds each venue it meets in the outbox")
+        return
+    width = min(ID_COLUMN_MAX, max(len("VENUE"), *(len(v["venue_id"]) for v in venues)))
+    print(f"{'VENUE':<{width}}  STATE   ITEMS    PENDING RETRYING DEAD DEAD-1H  PAUSED BY / REASON")
+    for venue in venues:
+        state = "paused" if venue["paused"] else "active"
+        items = {None: "default", True: "on", False: "off"}[venue["send_items"]]
+        counts = venue["deliveries"]
+        why = ""
+        if venue["paused"]:
+            why = f"{venue['paused_by'] or '?'}: {venue['pause_reason'] or '(no reason given)'}"
+        print(
+            f"{venue['venue_id']:<{width}}  {state:<6}  {items:<7}  {counts['pending']:>7} "
+            f"{counts['retrying']:>8} {counts['dead']:>4} {venue['dead_last_hour']:>7}  {why}"
+        )

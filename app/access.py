@@ -1,4 +1,4 @@
-"""Who may call the admin API, and as whom (SPEC 12): named tokens with roles.
+"""Who may call the admin API, and as whom: named tokens with roles.
 
 `RELAY_API_TOKENS` names each token and its role and holds only the token's SHA-256, so the
 settings never hold a token that could be used; `RELAY_ADMIN_TOKEN` is the operator `admin`. A
@@ -80,7 +80,7 @@ def parse_api_tokens(value: object) -> tuple[ApiToken, ...]:
                 f"{where} ({name}): expected the token's SHA-256 as 64 lowercase hex digits "
                 "(mozrest-relay token new prints the entry)"
             )
-        tokens.append(ApiToken(name=name, role=role, digest=bytes.fromhex(digest)))  # type: ignore[arg-type]
+        tokens.append(ApiToken(name=name, role=role, digest=bytes.fromhex(digest)))
     names = [token.name for token in tokens]
     for name in names:
         if names.count(name) > 1:

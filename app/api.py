@@ -26,12 +26,14 @@ from app.deps import (
     AppContext,
     ContextDep,
     require_admin,
+    require_role,
     require_schema,
     schema_check,
 )
 from app.logs import configure_logging, get_logger, log_event
 from app.publisher import PartnerApi
 from app.routes import router
+from app.routes_access import access_router
 from app.runtime import assemble, bind_socket
 from app.secret_files import SecretSource
 from app.settings import Settings
@@ -76,6 +78,7 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
                 host=settings.relay_host,
                 port=settings.relay_port,
                 admin_token_set=settings.relay_admin_token is not None,
+                api_tokens=len(settings.relay_api_tokens),
             )
             try:
                 yield
@@ -137,9 +140,10 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
                 await asyncio.wait_for(refresh_gauges(context), timeout=2)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(
-        router, prefix="/api", dependencies=[Depends(require_admin), Depends(require_schema)]
-    )
+    guarded = [Depends(require_admin), Depends(require_schema), Depends(require_role)]
+    # Before `router`: its last route answers every path it does not know.
+    app.include_router(access_router, prefix="/api", dependencies=guarded)
+    app.include_router(router, prefix="/api", dependencies=guarded)
     return app
 
 

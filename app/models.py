@@ -167,7 +167,7 @@ lock = Table(
     **MYSQL_TABLE_OPTIONS,
 )
 
-#: Audited actions (SPEC 12); keep in step with `app.schemas.AuditAction`.
+#: Audited actions; keep in step with `app.schemas.AuditAction`.
 AUDIT_ACTIONS = (
     "delivery.retry",
     "delivery.cancel",
@@ -180,7 +180,7 @@ AUDIT_ACTIONS = (
 )
 AUDIT_RESULTS = ("ok", "refused")
 
-# Who changed what through the admin API, refused attempts included (SPEC 12). Kept
+# Who changed what through the admin API, refused attempts included. Kept
 # RELAY_AUDIT_RETENTION, whatever RELAY_RETENTION says. Never a token, never guest data.
 audit = Table(
     "mozrest_audit",

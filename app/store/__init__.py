@@ -24,10 +24,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.db import StoreError
 from app.policy import RetryPolicy
 from app.store.admin import AdminQueries, ConflictError, NotFoundError
+from app.store.audit import Audit, AuditEntry
 from app.store.dispatch import Dispatch
 from app.store.ingest import Ingest
 from app.store.outcomes import Outcomes
 from app.store.port import StorePort
+from app.store.privacy import Erased, Privacy
 from app.store.records import (
     AttemptResult,
     Claim,
@@ -68,9 +70,13 @@ class Store:
         )
         dispatch = Dispatch(self.tools)
         outcomes = Outcomes(self.tools, retry_policy=self.retry_policy)
-        upkeep = Upkeep(self.tools)
+        #: The audit trail: `record(conn, ...)` inside a change's transaction, `change(entry)`
+        #: for a transaction that writes its row, `record_alone`, `list` (`store/audit.py`).
+        self.audit = Audit(self.tools)
+        privacy = Privacy(self.tools, self.audit)
+        upkeep = Upkeep(self.tools, audit=self.audit, privacy=privacy)
         admin = AdminQueries(self.tools)
-        replays = Replays(self.tools)
+        replays = Replays(self.tools, self.audit)
         # The worker's side.
         self.ingest = ingest.run
         self.claim_due = dispatch.claim_due
@@ -94,13 +100,16 @@ class Store:
         self.requeue_delivery = replays.requeue_delivery
         self.requeue_deliveries = replays.requeue_deliveries
         self.cancel_delivery = replays.cancel_delivery
+        self.erase_booking = privacy.erase_booking
 
 
 __all__ = [
     "PRUNE_BATCH_SIZE",
     "AttemptResult",
+    "AuditEntry",
     "Claim",
     "ConflictError",
+    "Erased",
     "IngestReport",
     "LeaseRequest",
     "NotFoundError",

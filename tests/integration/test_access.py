@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import select, update
 
-from app.models import booking, delivery, metadata, outbox
+from app.db import metadata
+from app.models import booking, delivery, outbox
 from app.policy import Verdict
 from app.store import AttemptResult
 from tests import factories
-from tests.integration.test_api import ADMIN_TOKEN, Api, api, running_api  # noqa: F401 (fixture)
+from tests.integration.test_api import ADMIN_TOKEN, Api, running_api
 
 VIEWER, OPERATOR = "viewer-token-1", "operator-token-1"
 TOKENS = ",".join(
@@ -36,6 +39,12 @@ DISTINCT = (
     "peanut-allergy-77",
     "extra-cheese-99",
 )
+
+
+@pytest.fixture
+async def api(database_url: str) -> AsyncIterator[Api]:
+    async with running_api(database_url) as running:
+        yield running
 
 
 def personal_state(booking_id: str, **changes: Any) -> dict[str, Any]:

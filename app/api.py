@@ -27,12 +27,14 @@ from app.deps import (
     AppContext,
     ContextDep,
     require_admin,
+    require_role,
     require_schema,
     schema_check,
 )
 from app.logs import configure_logging, get_logger, log_event
 from app.publisher import PartnerApi
 from app.routes import router
+from app.routes_access import access_router
 from app.routes_venues import router as venues_router
 from app.runtime import assemble, bind_socket
 from app.secret_files import SecretSource
@@ -101,6 +103,7 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
                 host=settings.relay_host,
                 port=settings.relay_port,
                 admin_token_set=settings.relay_admin_token is not None,
+                api_tokens=len(settings.relay_api_tokens),
             )
             try:
                 yield
@@ -162,11 +165,12 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
                 await asyncio.wait_for(refresh_gauges(context), timeout=2)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    guarded = [Depends(require_admin), Depends(require_schema)]
-    app.include_router(router, prefix="/api", dependencies=guarded)
-    app.include_router(venues_router, prefix="/api", dependencies=guarded)
+    guarded = [Depends(require_admin), Depends(require_schema), Depends(require_role)]
+    routers = (router, access_router, venues_router)
+    for routes in routers:
+        app.include_router(routes, prefix="/api", dependencies=guarded)
     # Last: what no route above matched.
-    app.include_router(unknown_routes(router, venues_router), prefix="/api", dependencies=guarded)
+    app.include_router(unknown_routes(*routers), prefix="/api", dependencies=guarded)
     return app
 
 

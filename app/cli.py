@@ -286,6 +286,52 @@ def cmd_pos_tables(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token_new(args: argparse.Namespace) -> int:
+    """Print a new random API token and its `RELAY_API_TOKENS` entry."""
+    from app.access import new_token, token_entry, valid_name
+
+    if not valid_name(args.name):
+        _fail("NAME: must be 1 to 64 of A-Z a-z 0-9 . _ -", EXIT_BAD_INPUT)
+    token = new_token()
+    print(f"token (give it to {args.name}; it is shown once and never stored): {token}")
+    print(f"add to RELAY_API_TOKENS: {token_entry(args.name, args.role, token)}")
+    return 0
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    """Erase a booking's guest personal data from every table of the relay."""
+    from app.access import valid_name
+    from app.store import AuditEntry, ConflictError, NotFoundError
+
+    settings = _settings()
+    if not args.booking_id or len(args.booking_id) > 64:
+        _fail("BOOKING_ID: must be 1 to 64 characters", EXIT_BAD_INPUT)
+    actor = args.actor if valid_name(args.actor) else "cli"
+
+    async def erase() -> dict[str, int]:
+        from app.db import create_engine
+        from app.runtime import check_database
+        from app.store import Store
+
+        await check_database(settings, require_schema=True)
+        engine = create_engine(settings.database_url, pool_size=1)
+        try:
+            store = Store(engine)
+            entry = AuditEntry(actor=actor, action="booking.erase", target=args.booking_id)
+            return (await store.erase_booking(args.booking_id, audit=entry)).as_dict()
+        finally:
+            await engine.dispose()
+
+    try:
+        erased = asyncio.run(erase())
+    except NotFoundError as exc:
+        _fail(str(exc), EXIT_FAILED)
+    except ConflictError as exc:
+        _fail(str(exc), EXIT_FAILED)
+    print(json.dumps({"booking_id": args.booking_id, "erased": erased}))
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check the set-up, one line per check; exit 0 only when the relay can deliver."""
     from app.doctor import run_doctor
@@ -391,6 +437,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pos.add_argument("venue_id", metavar="VENUE_ID")
     pos.add_argument("--json", action="store_true", help="print Mozrest's JSON answer")
+    token = add("token", None, "make API tokens for RELAY_API_TOKENS")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    token_new = token_commands.add_parser(
+        "new",
+        help="print a new random token and the RELAY_API_TOKENS entry to add",
+        description="print a new random token and the RELAY_API_TOKENS entry to add",
+    )
+    token_new.set_defaults(func=cmd_token_new)
+    token_new.add_argument(
+        "name", metavar="NAME", help="who the token is for: 1-64 of A-Za-z0-9._-"
+    )
+    token_new.add_argument("--role", choices=("viewer", "operator"), required=True)
+    erase = add(
+        "erase",
+        cmd_erase,
+        "erase a booking's guest personal data (contact, notes, items' notes) from every table "
+        "of the relay; audited as booking.erase",
+        DATABASE_SETTINGS,
+    )
+    erase.add_argument("booking_id", metavar="BOOKING_ID")
+    erase.add_argument(
+        "--actor",
+        default="cli",
+        help="the name the audit trail records (default: %(default)s)",
+    )
     doctor = add(
         "doctor",
         cmd_doctor,

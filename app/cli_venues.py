@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from app.settings import Settings, load_settings
+from app.store.audit import AuditEntry
 
 #: The widest venue id column `venue list` prints before it stops aligning.
 ID_COLUMN_MAX = 40
@@ -29,6 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "resume", help="resume a venue: each booking's newest waiting state is sent once"
     )
     resume.add_argument("venue_id", metavar="VENUE")
+    resume.add_argument("--by", default=None, help="the operator's name (default: your user)")
 
 
 def cmd_venue(args: argparse.Namespace) -> int:
@@ -37,17 +39,20 @@ def cmd_venue(args: argparse.Namespace) -> int:
         venues = _run(settings, lambda store: _all_venues(store))
         _print_venues(venues)
         return 0
+    by = (args.by or getpass.getuser())[:64]
+    # Audited like the API's calls, under the operator's name, from the command line.
+    audit = AuditEntry(actor=by, action=f"venue.{args.action}", target=args.venue_id, client="cli")
     if args.action == "pause":
         if args.reason is not None and len(args.reason) > 500:
             from app.runtime import CommandError
 
             raise CommandError("--reason: at most 500 characters", exit_status=2)
-        by = (args.by or getpass.getuser())[:64]
         venue = _run(
-            settings, lambda store: store.pause_venue(args.venue_id, by=by, reason=args.reason)
+            settings,
+            lambda store: store.pause_venue(args.venue_id, by=by, reason=args.reason, audit=audit),
         )
     else:
-        venue = _run(settings, lambda store: store.resume_venue(args.venue_id))
+        venue = _run(settings, lambda store: store.resume_venue(args.venue_id, audit=audit))
     _print_venues([venue])
     return 0
 

@@ -5,18 +5,24 @@ both import from here and never from each other."""
 from __future__ import annotations
 
 import asyncio
-import hmac
+import json
+import logging
 import time
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.routing import APIRoute
 
+from app.access import READ_METHODS, Principal, identify
+from app.logs import get_logger, log_event
 from app.migrate import schema_problem
 from app.publisher import PartnerApi
 from app.settings import Settings
-from app.store import Store, StoreError
+from app.store import AuditEntry, Store, StoreError
 from app.worker import Worker
+
+log = get_logger("api")
 
 
 @dataclass
@@ -40,28 +46,93 @@ ContextDep = Annotated[AppContext, Depends(get_context)]
 
 
 def require_admin(request: Request, context: ContextDep) -> None:
-    """`/api/*` needs `Authorization: Bearer $RELAY_ADMIN_TOKEN`; with no token set, it is shut."""
-    expected = context.settings.relay_admin_token
-    if expected is None:
+    """`/api/*` needs `Authorization: Bearer <token>`: `RELAY_ADMIN_TOKEN` (the operator
+    `admin`) or one of `RELAY_API_TOKENS`; with neither set, it is shut. The caller
+    is kept on the request for `get_caller`."""
+    settings = context.settings
+    if settings.relay_admin_token is None and not settings.relay_api_tokens:
         raise HTTPException(503, "RELAY_ADMIN_TOKEN is not set")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), expected.encode()
-    ):
+    principal = None
+    if scheme.lower() == "bearer":
+        principal = identify(
+            given.strip(),
+            tokens=settings.relay_api_tokens,
+            admin_token=settings.relay_admin_token,
+        )
+    if principal is None:
         raise HTTPException(
             401, "missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"}
         )
-    request.state.token_name = ADMIN_TOKEN_NAME
+    request.state.principal = principal
 
 
-#: The name RELAY_ADMIN_TOKEN's holder goes by (in a venue's `paused_by`, the logs).
-ADMIN_TOKEN_NAME = "admin"  # noqa: S105 - a name, not a secret
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who calls a route: the token's name and role, and the remote address."""
+
+    name: str
+    role: str
+    client: str | None
+
+    def audit(self, action: str, target: str) -> AuditEntry:
+        """The audit entry of this caller doing `action` to `target`."""
+        return AuditEntry(actor=self.name, action=action, target=target, client=self.client)
 
 
-def caller_name(request: Request) -> str:
-    """The name of the token the request came with."""
-    name: str = getattr(request.state, "token_name", ADMIN_TOKEN_NAME)
-    return name
+def get_caller(request: Request) -> Caller:
+    """The caller `require_admin` identified (for a route's audit rows and log lines)."""
+    principal: Principal = request.state.principal
+    client = request.client.host if request.client is not None else None
+    return Caller(name=principal.name, role=principal.role, client=client)
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+#: A route's OpenAPI extra naming the action its audit rows carry: `audit_as("venue.pause")`.
+AUDIT_ACTION_KEY = "x-audit-action"
+
+
+def audit_as(action: str) -> dict[str, Any]:
+    """`openapi_extra` for a state-changing route: names its audited action, so a viewer's
+    refused call is audited under it (`require_role`)."""
+    return {AUDIT_ACTION_KEY: action}
+
+
+async def require_role(request: Request, context: ContextDep, caller: CallerDep) -> None:
+    """A viewer may only read: any other method is a 403 naming the role it needs, written
+    to the audit trail as refused under the route's action (`audit_as`)."""
+    if request.method in READ_METHODS or caller.role == "operator":
+        return
+    route = request.scope.get("route")
+    extra = route.openapi_extra if isinstance(route, APIRoute) else None
+    action = (extra or {}).get(AUDIT_ACTION_KEY) or f"{request.method} {request.url.path}"
+    target = await _target_of(request)
+    detail = f"{action} needs the operator role; the token {caller.name!r} is a {caller.role}"
+    await context.store.audit.record_alone(
+        caller.audit(action, target),
+        result="refused",
+        detail={"status": 403, "reason": "needs the operator role", "role": caller.role},
+    )
+    log_event(log, logging.WARNING, "api.refused", actor=caller.name, action=action, target=target)
+    raise HTTPException(403, detail)
+
+
+#: Body fields that name what a bulk call acts on (its audit target); nothing else is kept.
+_FILTER_FIELDS = ("status", "venue_id", "since", "until")
+
+
+async def _target_of(request: Request) -> str:
+    """What a call acts on: the id in its path, or a bulk call's filter as JSON."""
+    for name in ("delivery_id", "booking_id", "venue_id"):
+        if name in request.path_params:
+            return str(request.path_params[name])
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        body = {}
+    shown = {k: body[k] for k in _FILTER_FIELDS if isinstance(body, dict) and k in body}
+    return json.dumps(shown, sort_keys=True, default=str)
 
 
 #: Every reason `/readyz` gives ends by pointing here: it checks the whole set-up.

@@ -46,8 +46,15 @@ REQUEST_RATE = Gauge(
     "mozrest_relay_request_rate",
     "Webhook requests per second over the last 10 s, all live relay processes.",
 )
+PERSONAL_DATA_SCRUBBED = Counter(
+    "mozrest_relay_personal_data_scrubbed_rows",
+    "Rows whose guest personal fields payload retention removed (RELAY_PAYLOAD_RETENTION).",
+    ["table"],
+)
 
 # Every label a dashboard expects exists from the start, at zero.
+for _table in ("outbox", "deliveries", "snapshots"):
+    PERSONAL_DATA_SCRUBBED.labels(table=_table)
 for _outcome in ("queued", "unchanged", "held", "superseded", "invalid"):
     OUTBOX_ROWS.labels(outcome=_outcome)
 for _status in ("pending", "retrying", "delivered", "dead", "superseded", "cancelled"):

@@ -122,6 +122,8 @@ delivery = Table(
     Index("ix_mozrest_delivery_venue_id", "venue_id", "id"),
     # The admin lists filtered by venue and status together (`?venue_id=&status=dead`).
     Index("ix_mozrest_delivery_venue_id_status", "venue_id", "status", "id"),
+    # Payload retention walks deliveries in the order they last changed (`store.privacy`).
+    Index("ix_mozrest_delivery_updated_at", "updated_at", "id"),
     sqlite_autoincrement=True,
     **MYSQL_TABLE_OPTIONS,
 )
@@ -193,5 +195,50 @@ lock = Table(
     "mozrest_lock",
     metadata,
     Column("name", String(32), primary_key=True),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+#: Audited actions; keep in step with `app.schemas.AuditAction`.
+AUDIT_ACTIONS = (
+    "delivery.retry",
+    "delivery.cancel",
+    "deliveries.retry_bulk",
+    "venue.pause",
+    "venue.resume",
+    "venue.update",
+    "venue.resync",
+    "booking.erase",
+)
+AUDIT_RESULTS = ("ok", "refused")
+
+# Who changed what through the admin API, refused attempts included. Kept
+# RELAY_AUDIT_RETENTION, whatever RELAY_RETENTION says. Never a token, never guest data.
+audit = Table(
+    "mozrest_audit",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("at", UTCDateTime(), nullable=False, server_default=utcnow()),
+    Column("actor", String(64), nullable=False),
+    Column("action", String(32), nullable=False),
+    # The delivery id, venue id or booking id; for a bulk retry its filter as JSON.
+    Column("target", Text, nullable=False),
+    Column("result", String(16), nullable=False),
+    Column("detail", JsonDocument, nullable=False),
+    Column("client", String(64), nullable=True),
+    Index("ix_mozrest_audit_actor", "actor", "id"),
+    Index("ix_mozrest_audit_action", "action", "id"),
+    Index("ix_mozrest_audit_at", "at"),
+    sqlite_autoincrement=True,
+    **MYSQL_TABLE_OPTIONS,
+)
+
+# How far payload retention has walked each table (`store.privacy`): one row per walk, so each
+# pass reads only what changed since the last one.
+scrub_mark = Table(
+    "mozrest_scrub_mark",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("after_at", UTCDateTime(), nullable=True),
+    Column("after_id", BigInteger, nullable=False, server_default=text("0")),
     **MYSQL_TABLE_OPTIONS,
 )

@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import AfterValidator
 
-from app.deps import AppContext, ContextDep
+from app.deps import AppContext, CallerDep, ContextDep, audit_as
 from app.logs import get_logger, log_event
 from app.publisher import PartnerApiError
 from app.schemas import (
@@ -100,6 +100,7 @@ router = APIRouter(
     dependencies=[Depends(reject_unknown_query)],
     responses={
         401: {"model": Error, "description": "Missing or wrong admin token."},
+        403: {"model": Error, "description": "The token's role may not do this."},
         503: {"model": Error, "description": "RELAY_ADMIN_TOKEN is not set, or no database."},
     },
 )
@@ -229,18 +230,24 @@ async def list_deliveries(
     description="Each matching delivery is sent again unless a newer state of its booking was "
     "written since (so of several dead deliveries of one booking only the newest goes). Works "
     "in short transactions, so it is safe on a large backlog after an outage.",
+    openapi_extra=audit_as("deliveries.retry_bulk"),
 )
-async def requeue_deliveries(body: RequeueRequest, context: ContextDep) -> RequeueResult:
+async def requeue_deliveries(
+    body: RequeueRequest, context: ContextDep, caller: CallerDep
+) -> RequeueResult:
+    target = body.model_dump_json(exclude_none=True)
     requeued = await context.store.requeue_deliveries(
         status=body.status,
         venue_id=body.venue_id,
         created_since=body.since,
         created_until=body.until,
+        audit=caller.audit("deliveries.retry_bulk", target),
     )
     log_event(
         log,
         logging.INFO,
         "deliveries.requeued",
+        actor=caller.name,
         status=body.status,
         venue_id=body.venue_id,
         since=body.since.isoformat() if body.since else None,
@@ -276,13 +283,20 @@ async def get_delivery(delivery_id: DeliveryId, context: ContextDep) -> Delivery
     description="409 if a newer state of the booking was queued, sent or delivered since, or "
     "if the delivery is in another status.",
     responses={**NOT_FOUND, **CONFLICT},
+    openapi_extra=audit_as("delivery.retry"),
 )
-async def requeue_delivery(delivery_id: DeliveryId, context: ContextDep) -> Delivery:
-    row = await context.store.requeue_delivery(delivery_id)  # 404 and 409 by the app's handlers
+async def requeue_delivery(
+    delivery_id: DeliveryId, context: ContextDep, caller: CallerDep
+) -> Delivery:
+    # 404 and 409 by the app's handlers, audited as refused by the store.
+    row = await context.store.requeue_delivery(
+        delivery_id, audit=caller.audit("delivery.retry", str(delivery_id))
+    )
     log_event(
         log,
         logging.INFO,
         "delivery.requeued",
+        actor=caller.name,
         delivery_id=delivery_id,
         booking_id=row["booking_id"],
     )
@@ -295,13 +309,20 @@ async def requeue_delivery(delivery_id: DeliveryId, context: ContextDep) -> Deli
     summary="Cancel a pending or retrying delivery",
     description="409 if it is in another status, or on the wire right now (try again shortly).",
     responses={**NOT_FOUND, **CONFLICT},
+    openapi_extra=audit_as("delivery.cancel"),
 )
-async def cancel_delivery(delivery_id: DeliveryId, context: ContextDep) -> Delivery:
-    row = await context.store.cancel_delivery(delivery_id)  # 404 and 409 by the app's handlers
+async def cancel_delivery(
+    delivery_id: DeliveryId, context: ContextDep, caller: CallerDep
+) -> Delivery:
+    # 404 and 409 by the app's handlers, audited as refused by the store.
+    row = await context.store.cancel_delivery(
+        delivery_id, audit=caller.audit("delivery.cancel", str(delivery_id))
+    )
     log_event(
         log,
         logging.INFO,
         "delivery.cancelled",
+        actor=caller.name,
         delivery_id=delivery_id,
         booking_id=row["booking_id"],
     )

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.exceptions import RequestValidationError
 
-from app.deps import ContextDep, caller_name
+from app.deps import CallerDep, ContextDep, audit_as
 from app.logs import get_logger, log_event
 from app.routes import NOT_FOUND, Limit, reject_unknown_query
 from app.schemas import Error, PauseRequest, Venue, VenuePage, VenueUpdate
@@ -84,16 +84,16 @@ async def get_venue(venue_id: VenueId, context: ContextDep) -> Venue:
 @router.post(
     "/venues/{venue_id}/pause",
     summary="Pause a venue: its states are ingested, nothing is sent",
+    openapi_extra=audit_as("venue.pause"),
 )
 async def pause_venue(
-    venue_id: VenueId,
-    context: ContextDep,
-    actor: Annotated[str, Depends(caller_name)],
-    body: PauseRequest | None = None,
+    venue_id: VenueId, context: ContextDep, caller: CallerDep, body: PauseRequest | None = None
 ) -> Venue:
     reason = storable(body.reason) if body is not None and body.reason is not None else None
-    row = await context.store.pause_venue(venue_id, by=actor, reason=reason)
-    _log("venue.pause", actor, venue_id)
+    row = await context.store.pause_venue(
+        venue_id, by=caller.name, reason=reason, audit=caller.audit("venue.pause", venue_id)
+    )
+    _log("venue.pause", caller.name, venue_id)
     return Venue(**row)
 
 
@@ -101,24 +101,26 @@ async def pause_venue(
     "/venues/{venue_id}/resume",
     summary="Resume a venue: each booking's newest waiting state is sent once",
     responses=NOT_FOUND,
+    openapi_extra=audit_as("venue.resume"),
 )
-async def resume_venue(
-    venue_id: VenueId, context: ContextDep, actor: Annotated[str, Depends(caller_name)]
-) -> Venue:
-    row = await context.store.resume_venue(venue_id)
-    _log("venue.resume", actor, venue_id)
+async def resume_venue(venue_id: VenueId, context: ContextDep, caller: CallerDep) -> Venue:
+    row = await context.store.resume_venue(venue_id, audit=caller.audit("venue.resume", venue_id))
+    _log("venue.resume", caller.name, venue_id)
     return Venue(**row)
 
 
-@router.patch("/venues/{venue_id}", summary="Change a venue's settings (`send_items`)")
+@router.patch(
+    "/venues/{venue_id}",
+    summary="Change a venue's settings (`send_items`)",
+    openapi_extra=audit_as("venue.update"),
+)
 async def update_venue(
-    venue_id: VenueId,
-    body: VenueUpdate,
-    context: ContextDep,
-    actor: Annotated[str, Depends(caller_name)],
+    venue_id: VenueId, body: VenueUpdate, context: ContextDep, caller: CallerDep
 ) -> Venue:
-    row = await context.store.update_venue(venue_id, send_items=body.send_items)
-    _log("venue.update", actor, venue_id, send_items=body.send_items)
+    row = await context.store.update_venue(
+        venue_id, send_items=body.send_items, audit=caller.audit("venue.update", venue_id)
+    )
+    _log("venue.update", caller.name, venue_id, send_items=body.send_items)
     return Venue(**row)
 
 

@@ -23,6 +23,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from app.access import ADMIN_NAME, ApiToken, parse_api_tokens
 from app.secret_files import SecretFileError, SecretFilesSource, recording_files_read
 
 SANDBOX_WEBHOOK_URL = "https://webhooks.pos.sandbox.mozrest.com/rms"
@@ -81,6 +82,7 @@ def _parse_statuses(value: object) -> object:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Flag = Annotated[bool, BeforeValidator(_parse_bool)]
 StatusSet = Annotated[frozenset[str], NoDecode, BeforeValidator(_parse_statuses)]
+ApiTokens = Annotated[tuple[ApiToken, ...], NoDecode, BeforeValidator(parse_api_tokens)]
 
 
 def normalise_database_url(url: str) -> str:
@@ -164,7 +166,15 @@ class Settings(BaseSettings):
     mozrest_api_key: str | None = Field(
         None, repr=False, description="Partner API key for POS tables."
     )
-    relay_admin_token: str | None = Field(None, repr=False, description="Bearer token for /api/*.")
+    relay_admin_token: str | None = Field(
+        None, repr=False, description="Bearer token for /api/*: the operator named `admin`."
+    )
+    relay_api_tokens: ApiTokens = Field(
+        (),
+        repr=False,
+        description="Named tokens for /api/*: comma-separated `name:role:sha256hex` entries, "
+        "roles viewer or operator (`mozrest-relay token new` makes one).",
+    )
     relay_send_statuses: StatusSet = Field(
         frozenset({"seated"}), description="Comma-separated statuses that start sending a booking."
     )
@@ -174,6 +184,14 @@ class Settings(BaseSettings):
     relay_send_items: Flag = Field(True, description="false strips pre-ordered items (a beta).")
     relay_retention: Duration = Field(
         7 * 86400.0, description="How long terminal rows and idle snapshots are kept."
+    )
+    relay_audit_retention: Duration = Field(
+        365 * 86400.0, description="How long audit rows are kept, whatever RELAY_RETENTION says."
+    )
+    relay_payload_retention: Duration = Field(
+        3 * 86400.0,
+        description="Guests' personal fields are erased this long after their booking's "
+        "deliveries ended (and outbox rows were processed); the rest stays for RELAY_RETENTION.",
     )
     relay_lease_seconds: Duration = Field(
         30.0,
@@ -268,6 +286,16 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _admin_name_is_taken(self) -> Settings:
+        if self.relay_admin_token is not None and any(
+            token.name == ADMIN_NAME for token in self.relay_api_tokens
+        ):
+            raise ValueError(
+                f"RELAY_API_TOKENS: the name {ADMIN_NAME} is RELAY_ADMIN_TOKEN's; choose another"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _lease_outlives_request(self) -> Settings:
         if self.relay_http_timeout + LEASE_MARGIN_SECONDS > self.relay_lease_seconds:
             raise ValueError(
@@ -317,7 +345,8 @@ def _describe(error: dict[str, Any]) -> str:
         return message
     variable = location[0].upper()
     value = error.get("input")
-    shown = "" if variable.endswith(("TOKEN", "KEY", "URL")) else f" (got {value!r})"
+    secret = variable.endswith(("TOKEN", "TOKENS", "KEY", "URL"))
+    shown = "" if secret else f" (got {value!r})"
     return f"{variable}: {message}{shown}"
 
 
@@ -333,7 +362,7 @@ def _default_text(name: str, field: Any) -> str:
     if name in {"mozrest_webhook_url", "mozrest_api_url"}:
         return "by `MOZREST_ENV`"
     default = field.default
-    if default is None:
+    if default is None or default == ():
         return "none"
     if isinstance(default, frozenset):
         return f"`{','.join(sorted(default))}`"

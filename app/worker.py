@@ -35,6 +35,7 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -88,6 +89,8 @@ class WorkerConfig:
     circuit_threshold: int = 5
     circuit_cooldown_seconds: float = 10.0
     retention_seconds: float = 7 * 86400.0
+    audit_retention_seconds: float | None = None
+    payload_retention_seconds: float | None = None
     maintenance_interval_seconds: float = 60.0
 
     @classmethod
@@ -103,6 +106,8 @@ class WorkerConfig:
             circuit_threshold=settings.relay_circuit_threshold,
             circuit_cooldown_seconds=settings.relay_circuit_cooldown,
             retention_seconds=settings.relay_retention,
+            audit_retention_seconds=settings.relay_audit_retention,
+            payload_retention_seconds=settings.relay_payload_retention,
         )
 
     @property
@@ -494,8 +499,11 @@ class Worker:
             with contextlib.suppress(StoreError):
                 while not self._stopping.is_set():
                     removed = await self.store.prune(
-                        retention_seconds=self.config.retention_seconds
+                        retention_seconds=self.config.retention_seconds,
+                        audit_retention_seconds=self.config.audit_retention_seconds,
+                        payload_retention_seconds=self.config.payload_retention_seconds,
                     )
+                    count_scrubbed(removed)
                     if removed:
                         log_event(log, logging.INFO, "retention.pruned", **removed)
                     if max(removed.values(), default=0) < PRUNE_BATCH_SIZE:
@@ -512,3 +520,10 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=seconds)
         event.clear()
+
+
+def count_scrubbed(removed: Counter[str]) -> None:
+    """Payload retention's rows (`Store.prune`'s `*_scrubbed` counts) to their metric."""
+    for table in ("outbox", "deliveries", "snapshots"):
+        if removed.get(f"{table}_scrubbed"):
+            metrics.PERSONAL_DATA_SCRUBBED.labels(table=table).inc(removed[f"{table}_scrubbed"])

@@ -109,7 +109,14 @@ class FakeStore:
     async def mark_stopped(self, worker_id: str) -> None:
         self.stopped.append(worker_id)
 
-    async def prune(self, *, retention_seconds: float, batch_size: int = 500) -> Counter[str]:
+    async def prune(
+        self,
+        *,
+        retention_seconds: float,
+        batch_size: int = 500,
+        audit_retention_seconds: float | None = None,
+        payload_retention_seconds: float | None = None,
+    ) -> Counter[str]:
         return Counter()
 
     async def ping(self) -> datetime:

@@ -26,10 +26,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.db import StoreError
 from app.policy import RetryPolicy
 from app.store.admin import AdminQueries, ConflictError, NotFoundError
+from app.store.audit import Audit, AuditEntry
 from app.store.dispatch import Dispatch
 from app.store.ingest import Ingest
 from app.store.outcomes import Outcomes
 from app.store.port import StorePort
+from app.store.privacy import Erased, Privacy
 from app.store.rate import RateLimit
 from app.store.records import (
     AttemptResult,
@@ -77,10 +79,14 @@ class Store:
         )
         dispatch = Dispatch(self.tools, rules=rules, rate=rate)
         outcomes = Outcomes(self.tools, retry_policy=self.retry_policy)
-        upkeep = Upkeep(self.tools)
+        #: The audit trail: `record(conn, ...)` inside a change's transaction, `change(entry)`
+        #: for a transaction that writes its row, `record_alone`, `list` (`store/audit.py`).
+        self.audit = Audit(self.tools)
+        privacy = Privacy(self.tools, self.audit)
+        upkeep = Upkeep(self.tools, audit=self.audit, privacy=privacy)
         admin = AdminQueries(self.tools)
-        replays = Replays(self.tools)
-        venues = Venues(self.tools, rules)
+        replays = Replays(self.tools, self.audit)
+        venues = Venues(self.tools, rules, self.audit)
         # The worker's side.
         self.ingest = ingest.run
         self.claim_due = dispatch.claim_due
@@ -110,13 +116,16 @@ class Store:
         self.resume_venue = venues.resume
         self.update_venue = venues.update_settings
         self.count_paused_venues = venues.count_paused
+        self.erase_booking = privacy.erase_booking
 
 
 __all__ = [
     "PRUNE_BATCH_SIZE",
     "AttemptResult",
+    "AuditEntry",
     "Claim",
     "ConflictError",
+    "Erased",
     "IngestReport",
     "LeaseRequest",
     "NotFoundError",

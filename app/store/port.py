@@ -40,6 +40,13 @@ class StorePort(Protocol):
 
     async def mark_stopped(self, worker_id: str) -> None: ...
 
-    async def prune(self, *, retention_seconds: float, batch_size: int = ...) -> Counter[str]: ...
+    async def prune(
+        self,
+        *,
+        retention_seconds: float,
+        batch_size: int = ...,
+        audit_retention_seconds: float | None = ...,
+        payload_retention_seconds: float | None = ...,
+    ) -> Counter[str]: ...
 
     async def ping(self) -> datetime: ...

@@ -24,21 +24,26 @@ from app.store.admin import (
     Record,
     fetch_delivery,
 )
+from app.store.audit import Audit, AuditEntry, record_entry, update_detail
 from app.store.bookings import lock_bookings
 from app.store.toolkit import Toolkit
 
 
 class Replays:
-    """Requeue and cancel, each in its booking's lock."""
+    """Requeue and cancel, each in its booking's lock, each audited with its change."""
 
-    def __init__(self, tools: Toolkit) -> None:
+    def __init__(self, tools: Toolkit, audit: Audit) -> None:
         self.tools = tools
+        self.audit = audit
 
     @translate_errors
-    async def requeue_delivery(self, delivery_id: int) -> Record:
+    async def requeue_delivery(
+        self, delivery_id: int, *, audit: AuditEntry | None = None
+    ) -> Record:
         """Send a dead or cancelled delivery again, unless a newer state of its booking was
         written since; answers the delivery as it now is."""
-        async with self.tools.write() as conn:
+        async with self.audit.change(audit) as change:
+            conn = change.conn
             booking_id = (
                 await conn.execute(
                     select(delivery.c.booking_id).where(delivery.c.id == delivery_id)
@@ -66,6 +71,7 @@ class Replays:
             if row.id in refusals:
                 raise ConflictError(refusals[row.id])
             await self._requeue(conn, [row.id], status=row.status)
+            change.detail = {"booking_id": booking_id, "was": row.status}
             return await fetch_delivery(conn, delivery_id)
 
     @translate_errors
@@ -77,9 +83,11 @@ class Replays:
         created_since: datetime | None = None,
         created_until: datetime | None = None,
         batch_size: int = REQUEUE_BATCH_SIZE,
+        audit: AuditEntry | None = None,
     ) -> int:
         """Requeue every dead (or cancelled) delivery that matches and is its booking's newest
-        state, in short transactions of `batch_size`; returns how many were requeued."""
+        state, in short transactions of `batch_size`; returns how many were requeued. The audit
+        row is written with the first batch and its count kept in step by each later one."""
         if status not in REQUEUEABLE_STATUSES:
             raise ValueError(f"cannot requeue {status} deliveries")
         query = select(delivery.c.id, delivery.c.booking_id).where(delivery.c.status == status)
@@ -91,6 +99,7 @@ class Replays:
             query = query.where(delivery.c.created_at < created_until)
         requeued = 0
         after_id = 0
+        audit_id: int | None = None
         while True:
             async with self.tools.write() as conn:
                 candidates = (
@@ -101,6 +110,8 @@ class Replays:
                     )
                 ).all()
                 if not candidates:
+                    if audit is not None and audit_id is None:
+                        await record_entry(conn, audit, result="ok", detail={"requeued": 0})
                     return requeued
                 after_id = candidates[-1].id
                 bookings = await lock_bookings(self.tools, conn, (c.booking_id for c in candidates))
@@ -121,6 +132,13 @@ class Replays:
                 refusals = await self._requeue_refusals(conn, rows, bookings)
                 ids = [r.id for r in rows if r.id not in refusals]
                 requeued += await self._requeue(conn, ids, status=status)
+                if audit is not None:
+                    if audit_id is None:
+                        audit_id = await record_entry(
+                            conn, audit, result="ok", detail={"requeued": requeued}
+                        )
+                    else:
+                        await update_detail(conn, audit_id, {"requeued": requeued})
             if len(candidates) < batch_size:
                 return requeued
 
@@ -194,9 +212,10 @@ class Replays:
         return int(result.rowcount)
 
     @translate_errors
-    async def cancel_delivery(self, delivery_id: int) -> Record:
+    async def cancel_delivery(self, delivery_id: int, *, audit: AuditEntry | None = None) -> Record:
         """Stop a pending or retrying delivery that is not on the wire right now."""
-        async with self.tools.write() as conn:
+        async with self.audit.change(audit) as change:
+            conn = change.conn
             booking_id = (
                 await conn.execute(
                     select(delivery.c.booking_id).where(delivery.c.id == delivery_id)
@@ -232,4 +251,5 @@ class Replays:
                     updated_at=now,
                 )
             )
+            change.detail = {"booking_id": booking_id, "was": row.status}
             return await fetch_delivery(conn, delivery_id)

@@ -12,6 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app.db import translate_errors
 from app.models import ACTIVE_STATUSES, attempt, booking, delivery, outbox, worker
 from app.store import bookings
+from app.store.audit import Audit
+from app.store.privacy import Privacy
 from app.store.records import WorkerInfo
 from app.store.toolkit import ACTIVE, Toolkit, statement
 
@@ -39,8 +41,10 @@ def _heartbeat(tools: Toolkit) -> Any:
 class Upkeep:
     """What keeps the relay's own tables in order (`Store.heartbeat`, `Store.prune`, ...)."""
 
-    def __init__(self, tools: Toolkit) -> None:
+    def __init__(self, tools: Toolkit, *, audit: Audit, privacy: Privacy) -> None:
         self.tools = tools
+        self.audit = audit
+        self.privacy = privacy
 
     @translate_errors
     async def register_worker(self, info: WorkerInfo) -> None:
@@ -84,10 +88,21 @@ class Upkeep:
 
     @translate_errors
     async def prune(
-        self, *, retention_seconds: float, batch_size: int = PRUNE_BATCH_SIZE
+        self,
+        *,
+        retention_seconds: float,
+        batch_size: int = PRUNE_BATCH_SIZE,
+        audit_retention_seconds: float | None = None,
+        payload_retention_seconds: float | None = None,
     ) -> Counter[str]:
-        """Delete one small batch of terminal rows and idle snapshots older than retention."""
+        """Delete one small batch of terminal rows and idle snapshots older than retention, and
+        of audit rows older than theirs; strip guests' personal fields from one batch of rows
+        older than payload retention (`Privacy.scrub_payloads`)."""
         removed: Counter[str] = Counter()
+        if payload_retention_seconds is not None:
+            removed += await self.privacy.scrub_payloads(
+                retention_seconds=payload_retention_seconds, batch_size=batch_size
+            )
         async with self.tools.write() as conn:
             if not await self.tools.take_lock(conn, "maintenance"):
                 return removed
@@ -98,6 +113,12 @@ class Upkeep:
             await conn.execute(
                 delete(worker).where(worker.c.heartbeat_at < now - FORGET_WORKERS_AFTER)
             )
+            if audit_retention_seconds is not None:
+                removed["audit"] = await self.audit.prune(
+                    conn,
+                    before=now - timedelta(seconds=audit_retention_seconds),
+                    batch_size=batch_size,
+                )
         # Snapshots hold guest personal data. Pruning one races with ingest deciding against it,
         # so it happens under the ingest lock, in its own short transaction.
         async with self.tools.write() as conn:

@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app.db import translate_errors
 from app.models import ACTIVE_STATUSES, delivery, venue
 from app.store.admin import NotFoundError, Record
+from app.store.audit import Audit, AuditEntry
 from app.store.toolkit import Toolkit, statement
 
 #: How stale a process's view of the venues' settings may be.
@@ -164,9 +165,10 @@ async def add_seen(
 class Venues:
     """The operators' side of venues (`/api/venues`, `mozrest-relay venue`)."""
 
-    def __init__(self, tools: Toolkit, rules: VenueRules) -> None:
+    def __init__(self, tools: Toolkit, rules: VenueRules, audit: Audit) -> None:
         self.tools = tools
         self.rules = rules
+        self.audit = audit
 
     @translate_errors
     async def list_venues(self, *, after_id: str | None, limit: int) -> list[Record]:
@@ -228,9 +230,13 @@ class Venues:
         return found
 
     @translate_errors
-    async def pause(self, venue_id: str, *, by: str, reason: str | None) -> Record:
+    async def pause(
+        self, venue_id: str, *, by: str, reason: str | None, audit: AuditEntry | None = None
+    ) -> Record:
         """Pause a venue (a paused one stays as it was): nothing more is sent for it."""
-        async with self.tools.write() as conn:
+        async with self.audit.change(audit) as change:
+            conn = change.conn
+            change.detail = {"reason": reason}
             now = await self.tools.now(conn)
             await self._upsert(conn, venue_id, now)
             await conn.execute(
@@ -244,10 +250,11 @@ class Venues:
             return await self._venue(conn, venue_id, now)
 
     @translate_errors
-    async def resume(self, venue_id: str) -> Record:
+    async def resume(self, venue_id: str, *, audit: AuditEntry | None = None) -> Record:
         """Resume a venue: each of its bookings' newest waiting state is due at once, with a
         fresh retry window. NotFoundError for a venue never seen."""
-        async with self.tools.write() as conn:
+        async with self.audit.change(audit) as change:
+            conn = change.conn
             now = await self.tools.now(conn)
             found = (
                 await conn.execute(
@@ -263,7 +270,7 @@ class Venues:
                     paused=False, paused_at=None, paused_by=None, pause_reason=None, updated_at=now
                 )
             )
-            await conn.execute(
+            released = await conn.execute(
                 update(delivery)
                 .where(
                     delivery.c.venue_id == venue_id,
@@ -272,14 +279,19 @@ class Venues:
                 )
                 .values(next_attempt_at=now, requeued_at=now, updated_at=now)
             )
+            change.detail = {"released": released.rowcount or 0}
             self.rules.forget()
             return await self._venue(conn, venue_id, now)
 
     @translate_errors
-    async def update_settings(self, venue_id: str, *, send_items: bool | None) -> Record:
+    async def update_settings(
+        self, venue_id: str, *, send_items: bool | None, audit: AuditEntry | None = None
+    ) -> Record:
         """Set the venue's `send_items` (None: follow RELAY_SEND_ITEMS) for states ingested
         from now on."""
-        async with self.tools.write() as conn:
+        async with self.audit.change(audit) as change:
+            conn = change.conn
+            change.detail = {"send_items": send_items}
             now = await self.tools.now(conn)
             await self._upsert(conn, venue_id, now)
             await conn.execute(

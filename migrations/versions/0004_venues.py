@@ -1,7 +1,7 @@
 """Venues (pause, per-venue settings), the relay-wide rate limit's bucket, workers' request rate.
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 Create Date: 2026-11-30
 """
 
@@ -16,7 +16,7 @@ from alembic import op
 from app.db import MYSQL_TABLE_OPTIONS, UTCDateTime, utcnow
 
 revision: str = "0004"
-down_revision: str | None = "0002"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

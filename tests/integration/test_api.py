@@ -80,7 +80,7 @@ def api_requests(app: FastAPI) -> list[tuple[str, str]]:
 async def test_every_api_route_needs_the_admin_token(api: Api) -> None:
     """Every /api route, known or not, answers 401 without the token or with a wrong one."""
     requests = api_requests(api.app)
-    assert len(requests) == 18
+    assert len(requests) == 20
     wrong = [
         {},
         {"Authorization": "Bearer nope"},

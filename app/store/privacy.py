@@ -1,0 +1,349 @@
+"""Guests' personal data in the relay's tables: erasure on request, and payload
+retention.
+
+Both strip the personal fields (`app.personal`) from every row of a booking that holds them:
+its outbox payloads, its deliveries' payloads, its snapshot, and any text stored from its
+attempts and errors that quotes one of their values. The edit is done here, row by row (read,
+strip, write), under the booking's lock (`bookings.lock_bookings`): `jsonb` on PostgreSQL and
+JSON text elsewhere share no SQL to remove a key inside an array's objects.
+
+Ingest decides a later state against the stripped snapshot, so every personal field the later
+state has counts as changed and is sent in full. docs/personal-data.md lists every column.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import LargeBinary, Text, and_, cast, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.db import translate_errors
+from app.models import ACTIVE_STATUSES, attempt, booking, delivery, outbox, scrub_mark
+from app.personal import personal_values, redact_text, strip_personal
+from app.store.admin import ConflictError, NotFoundError
+from app.store.audit import Audit, AuditEntry
+from app.store.bookings import lock_bookings
+from app.store.toolkit import Toolkit
+
+#: Rows each retention pass walks per table.
+SCRUB_BATCH_SIZE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Erased:
+    """How many rows of a booking lost personal fields."""
+
+    booking_id: str
+    outbox_rows: int = 0
+    deliveries: int = 0
+    snapshots: int = 0
+    attempts: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "outbox_rows": self.outbox_rows,
+            "deliveries": self.deliveries,
+            "snapshots": self.snapshots,
+        }
+
+
+def _payload_of(raw: Any) -> Any:
+    """An outbox payload read as text or bytes (it may be anything the RMS wrote)."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            return None
+    return raw
+
+
+def _outbox_text(tools: Toolkit) -> Any:
+    # As ingest reads it: SQLite may hold any bytes, which the JSON type could not decode.
+    return cast(outbox.c.payload, LargeBinary if tools.dialect == "sqlite" else Text)
+
+
+class Privacy:
+    """Erasure (`Store.erase_booking`) and payload retention (`Store.scrub_payloads`)."""
+
+    def __init__(self, tools: Toolkit, audit: Audit) -> None:
+        self.tools = tools
+        self.audit = audit
+
+    @translate_errors
+    async def erase_booking(self, booking_id: str, *, audit: AuditEntry | None = None) -> Erased:
+        """Remove the booking's personal fields from every table; NotFoundError if the relay
+        has no row of it, ConflictError while a state of it waits to be sent or ingested."""
+        async with self.audit.change(audit) as change:
+            erased = await self._erase(change.conn, booking_id, on_request=True)
+            assert erased is not None  # on request, a busy booking is refused instead
+            change.detail = erased.as_dict() | {"attempts": erased.attempts}
+            return erased
+
+    async def _erase(
+        self, conn: AsyncConnection, booking_id: str, *, on_request: bool
+    ) -> Erased | None:
+        """Strip one booking's rows under its lock. On request an active or undecided state is
+        a ConflictError; for retention, active bookings are passed over (None) and rows not yet
+        ingested are left for later."""
+        known = await lock_bookings(self.tools, conn, [booking_id], with_snapshot=True)
+        deliveries = (
+            await conn.execute(
+                select(
+                    delivery.c.id, delivery.c.status, delivery.c.payload, delivery.c.last_error
+                ).where(delivery.c.booking_id == booking_id)
+            )
+        ).all()
+        rows = (
+            await conn.execute(
+                select(
+                    outbox.c.id,
+                    outbox.c.venue_id,
+                    outbox.c.processed_at,
+                    outbox.c.error,
+                    _outbox_text(self.tools).label("payload_text"),
+                ).where(outbox.c.booking_id == booking_id)
+            )
+        ).all()
+        if not known and not deliveries and not rows:
+            if on_request:
+                raise NotFoundError(f"no booking {booking_id!r}")
+            return None
+        active = [d.id for d in deliveries if d.status in ACTIVE_STATUSES]
+        if active:
+            if not on_request:
+                return None
+            raise ConflictError(
+                f"booking {booking_id!r} has a delivery waiting to be sent ({active[0]}): "
+                "cancel it or let it finish, then erase"
+            )
+        if on_request and any(row.processed_at is None for row in rows):
+            raise ConflictError(
+                f"booking {booking_id!r} has a state the relay has not read yet: try again "
+                "in a moment"
+            )
+        snapshot = known[booking_id].accepted_payload if booking_id in known else None
+        payloads = [_payload_of(row.payload_text) for row in rows]
+        values: set[str] = personal_values(snapshot)
+        for payload in [*payloads, *(d.payload for d in deliveries)]:
+            values |= personal_values(payload)
+
+        outbox_count = 0
+        for row, payload in zip(rows, payloads, strict=True):
+            if row.processed_at is None:
+                continue  # retention only: ingest reads it first
+            outbox_count += await self._strip_outbox_row(conn, row, payload, booking_id, values)
+        delivery_count = 0
+        for item in deliveries:
+            stripped, changed = strip_personal(item.payload)
+            last_error, error_changed = redact_text(item.last_error, values)
+            if changed or error_changed:
+                await conn.execute(
+                    update(delivery)
+                    .where(delivery.c.id == item.id)
+                    .values(payload=stripped, last_error=last_error)
+                )
+                delivery_count += 1
+        snapshots = 0
+        if snapshot is not None:
+            stripped, changed = strip_personal(snapshot)
+            if changed:
+                await conn.execute(
+                    update(booking)
+                    .where(booking.c.booking_id == booking_id)
+                    .values(accepted_payload=stripped)
+                )
+                snapshots = 1
+        attempts = await self._redact_attempts(conn, [d.id for d in deliveries], values)
+        return Erased(
+            booking_id=booking_id,
+            outbox_rows=outbox_count,
+            deliveries=delivery_count,
+            snapshots=snapshots,
+            attempts=attempts,
+        )
+
+    async def _strip_outbox_row(
+        self, conn: AsyncConnection, row: Any, payload: Any, booking_id: str, values: set[str]
+    ) -> int:
+        stripped, changed = strip_personal(payload)
+        if not isinstance(payload, dict):
+            # Not an object (an invalid row): which part is personal cannot be told, so only
+            # the ids are kept.
+            stripped = {"bookingId": booking_id, "venueId": row.venue_id}
+        error, error_changed = redact_text(row.error, values)
+        if not (changed or error_changed):
+            return 0
+        await conn.execute(
+            update(outbox).where(outbox.c.id == row.id).values(payload=stripped, error=error)
+        )
+        return 1
+
+    async def _redact_attempts(
+        self, conn: AsyncConnection, delivery_ids: list[int], values: set[str]
+    ) -> int:
+        """Blank the stored answers and errors of these deliveries' attempts that quote a
+        personal value (an answer that echoes the state)."""
+        if not delivery_ids or not values:
+            return 0
+        changed = 0
+        for row in await conn.execute(
+            select(attempt.c.id, attempt.c.error, attempt.c.response_body).where(
+                self.tools.in_(attempt.c.delivery_id, delivery_ids)
+            )
+        ):
+            error, error_changed = redact_text(row.error, values)
+            body, body_changed = redact_text(row.response_body, values)
+            if error_changed or body_changed:
+                await conn.execute(
+                    update(attempt)
+                    .where(attempt.c.id == row.id)
+                    .values(error=error, response_body=body)
+                )
+                changed += 1
+        return changed
+
+    # -- payload retention ----------------------------------------------------------------
+
+    @translate_errors
+    async def scrub_payloads(
+        self, *, retention_seconds: float, batch_size: int = SCRUB_BATCH_SIZE
+    ) -> Counter[str]:
+        """One pass of payload retention: strip the personal fields of outbox rows
+        processed more than `retention_seconds` ago, and of every booking whose newest delivery
+        ended that long ago. Each walk resumes where the last pass stopped (`mozrest_scrub_mark`),
+        on an index, a batch at a time; `walked` says how many rows it read (a full batch: call
+        again)."""
+        done: Counter[str] = Counter()
+        async with self.tools.write() as conn:
+            if not await self.tools.take_lock(conn, "maintenance"):
+                return done
+            cutoff = await self.tools.now(conn) - timedelta(seconds=retention_seconds)
+            done += await self._walk_outbox(conn, cutoff, batch_size)
+        async with self.tools.write() as conn:
+            if not await self.tools.take_lock(conn, "maintenance"):
+                return done
+            cutoff = await self.tools.now(conn) - timedelta(seconds=retention_seconds)
+            done += await self._walk_deliveries(conn, cutoff, batch_size)
+        return done
+
+    async def _mark(self, conn: AsyncConnection, name: str) -> tuple[datetime | None, int]:
+        row = (
+            await conn.execute(
+                select(scrub_mark.c.after_at, scrub_mark.c.after_id).where(
+                    scrub_mark.c.name == name
+                )
+            )
+        ).first()
+        if row is None:
+            await conn.execute(insert(scrub_mark).values(name=name, after_id=0))
+            return None, 0
+        return row.after_at, int(row.after_id)
+
+    async def _set_mark(
+        self, conn: AsyncConnection, name: str, *, after_at: datetime | None, after_id: int
+    ) -> None:
+        await conn.execute(
+            update(scrub_mark)
+            .where(scrub_mark.c.name == name)
+            .values(after_at=after_at, after_id=after_id)
+        )
+
+    async def _walk_outbox(
+        self, conn: AsyncConnection, cutoff: datetime, batch_size: int
+    ) -> Counter[str]:
+        """Outbox rows in id order from the mark; the walk stops at the first row not due yet
+        (rows are processed in about id order, so it waits for hours at most)."""
+        _, after_id = await self._mark(conn, "outbox")
+        rows = (
+            await conn.execute(
+                select(
+                    outbox.c.id,
+                    outbox.c.booking_id,
+                    outbox.c.venue_id,
+                    outbox.c.processed_at,
+                    outbox.c.error,
+                    _outbox_text(self.tools).label("payload_text"),
+                )
+                .where(outbox.c.id > after_id)
+                .order_by(outbox.c.id)
+                .limit(batch_size)
+            )
+        ).all()
+        done: Counter[str] = Counter()
+        for row in rows:
+            if row.processed_at is None or row.processed_at >= cutoff:
+                break
+            payload = _payload_of(row.payload_text)
+            done["outbox_scrubbed"] += await self._strip_outbox_row(
+                conn, row, payload, row.booking_id, personal_values(payload)
+            )
+            done["walked"] += 1
+            after_id = row.id
+        await self._set_mark(conn, "outbox", after_at=None, after_id=after_id)
+        return done
+
+    async def _walk_deliveries(
+        self, conn: AsyncConnection, cutoff: datetime, batch_size: int
+    ) -> Counter[str]:
+        """Deliveries in the order they last changed (`updated_at`, id) from the mark, up to
+        the cutoff. A booking is stripped when its newest delivery ended before the cutoff; one
+        passed over (a state still active, or ended since) is met again, because its newest
+        delivery's `updated_at` moves past the mark when it ends."""
+        after_at, after_id = await self._mark(conn, "delivery")
+        query = select(delivery.c.id, delivery.c.booking_id, delivery.c.updated_at).where(
+            delivery.c.updated_at < cutoff
+        )
+        if after_at is not None:
+            query = query.where(
+                or_(
+                    delivery.c.updated_at > after_at,
+                    and_(delivery.c.updated_at == after_at, delivery.c.id > after_id),
+                )
+            )
+        rows = (
+            await conn.execute(
+                query.order_by(delivery.c.updated_at, delivery.c.id).limit(batch_size)
+            )
+        ).all()
+        done: Counter[str] = Counter()
+        if not rows:
+            return done
+        booking_ids = sorted({row.booking_id for row in rows})
+        due = await self._ended_before(conn, booking_ids, cutoff)
+        for booking_id in booking_ids:
+            if booking_id not in due:
+                continue
+            erased = await self._erase(conn, booking_id, on_request=False)
+            if erased is not None:
+                done["outbox_scrubbed"] += erased.outbox_rows
+                done["deliveries_scrubbed"] += erased.deliveries
+                done["snapshots_scrubbed"] += erased.snapshots
+        done["walked"] += len(rows)
+        last = rows[-1]
+        await self._set_mark(conn, "delivery", after_at=last.updated_at, after_id=last.id)
+        return done
+
+    async def _ended_before(
+        self, conn: AsyncConnection, booking_ids: list[str], cutoff: datetime
+    ) -> set[str]:
+        """Those bookings whose newest delivery ended before `cutoff`."""
+        newest: dict[str, Any] = {}
+        for row in await conn.execute(
+            select(
+                delivery.c.id, delivery.c.booking_id, delivery.c.status, delivery.c.updated_at
+            ).where(self.tools.in_(delivery.c.booking_id, booking_ids))
+        ):
+            if row.booking_id not in newest or row.id > newest[row.booking_id].id:
+                newest[row.booking_id] = row
+        return {
+            booking_id
+            for booking_id, row in newest.items()
+            if row.status not in ACTIVE_STATUSES and row.updated_at < cutoff
+        }

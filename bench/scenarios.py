@@ -142,9 +142,10 @@ async def drain_pg(
                 {f"worker{k}": p.pid for k, p in enumerate(procs)} | _receiver_pid(receiver)
             )
             if preload:
-                # The clock of a preloaded drain is the receiver's (first POST to last), so the
-                # workers' start-up is not counted; their CPU is, from now on.
+                # The clock of a preloaded drain is the receiver's (first POST to last): the
+                # workers' start-up counts in neither the rate nor the CPU.
                 t0 = time.monotonic_ns()
+                await receiver.wait_for(1, within=DRAIN_TIMEOUT, poll=0.005)
             else:
                 await wait_registered_pg(database, procs)
                 await asyncio.sleep(0.5)  # let start-up work (retention, heartbeats) settle
@@ -608,6 +609,7 @@ async def drain_pgqueuer(
             meter = CpuMeter({"consumer": proc.pid} | _receiver_pid(receiver))
             if preload:
                 t0 = time.monotonic_ns()
+                await receiver.wait_for(1, within=DRAIN_TIMEOUT, poll=0.005)
             else:
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline and "consumer ready" not in proc.tail():

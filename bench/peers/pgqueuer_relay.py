@@ -63,9 +63,19 @@ class PeerSettings:
         return asdict(self)
 
 
-#: The peer's settings in `make bench`: the best of the grid `python -m bench.peers.tune` tried
-#: (see there and docs/benchmarks.md). Filled in with the date and the figures that chose it.
-BEST = PeerSettings(batch_size=50, max_concurrent_tasks=128, uvloop=True)
+#: The peer's settings in `make bench`: the best that `python -m bench.peers.tune` found
+#: (2026-11-30, 20,000 preloaded states, 2 cores shared, load average 1-7 during the runs).
+#: The full grid (bench/results/peer-tune.json): batch 10 at most 2,805/s, batch 25 3,050/s,
+#: batch 200 2,575/s; batch 50 and 100 with max_concurrent_tasks 256 or no cap the top group
+#: (best of two passes 3,487-4,552/s). Its confirmation rounds: batch 50, no cap, uvloop had the
+#: best median (2,072 / 4,268 / 6,272 -> 4,268/s; batch 100 no cap uvloop 3,686, batch 50 256
+#: uvloop 3,756, batch 100 no cap asyncio 2,810). A second run (peer-tune-confirm.json) put
+#: batch 50 / 128 / uvloop (median 2,874) a little ahead of batch 50 / no cap / uvloop (2,636),
+#: within noise; head to head, five rounds each in turn (peer-tune-final.json), no cap was faster
+#: in every round (median 1,870 against 1,611/s). uvloop and asyncio are within noise of each
+#: other. No cap is PgQueuer's default: with one consumer it holds the whole backlog, which is
+#: fine here (a fleet of consumers would want a cap, 256 costs little above).
+BEST = PeerSettings(batch_size=50, max_concurrent_tasks=0, uvloop=True)
 
 
 class WebhookRejected(Exception):

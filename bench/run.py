@@ -441,7 +441,8 @@ def _versus_rows(v: dict[str, Any]) -> list[tuple[str, str, str]]:
         )
         if key == "peer":
             note += (
-                f"; batch {s['batch_size']}, max_concurrent_tasks {s['max_concurrent_tasks']}, "
+                f"; batch {s['batch_size']}, max_concurrent_tasks "
+                f"{s['max_concurrent_tasks'] or 'no cap'}, "
                 f"{'uvloop' if s['uvloop'] else 'asyncio'}"
             )
         if cost:

@@ -23,9 +23,10 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import aiohttp
 import asyncpg
@@ -36,6 +37,7 @@ from pgqueuer.queries import Queries
 
 from bench.common import WEBHOOK_TOKEN, dumps, seated_payload
 
+T = TypeVar("T")
 ENTRYPOINT = "mozrest_webhook"
 HEADERS = {
     "Authorization": f"Bearer {WEBHOOK_TOKEN}",
@@ -170,12 +172,12 @@ async def ceiling(url: str, bodies: Sequence[bytes], concurrency: int) -> dict[s
     return {"n": n, "seconds": round(elapsed, 3), "rate": round(n / elapsed, 1), "errors": errors}
 
 
-def _run(coro: object, use_uvloop: bool) -> object:
+def _run(coro: Coroutine[Any, Any, T], use_uvloop: bool) -> T:
     if use_uvloop:
         import uvloop
 
-        return uvloop.run(coro)  # type: ignore[arg-type]
-    return asyncio.run(coro)  # type: ignore[arg-type]
+        return uvloop.run(coro)
+    return asyncio.run(coro)
 
 
 def main() -> int:

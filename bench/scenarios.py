@@ -11,7 +11,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -42,6 +42,9 @@ from bench.common import (
     start_worker,
     wait_registered_pg,
 )
+
+if TYPE_CHECKING:  # PgQueuer is a `bench` extra: the smoke runs without it
+    from bench.peers.pgqueuer_relay import PeerSettings
 
 #: A drain that has not finished by then is reported as failed (bounded waits everywhere).
 DRAIN_TIMEOUT = 600.0
@@ -572,7 +575,7 @@ async def drain_pgqueuer(
     *,
     n: int,
     tag: int,
-    settings: Any = None,
+    settings: PeerSettings | None = None,
     preload: bool = False,
     receiver: Receiver | None = None,
 ) -> dict[str, Any]:

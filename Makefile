@@ -62,6 +62,11 @@ bench: $(STAMP) ## the benchmark suite, about 7 minutes: prints a table, writes 
 	@$(BIN)/python -c 'import pgqueuer, uvloop' 2>/dev/null || $(BIN)/pip install --quiet -c requirements.lock -e '.[bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
+.PHONY: bench-peer-tune
+bench-peer-tune: $(STAMP) ## try the PgQueuer peer's knobs (~15 min): bench/results/peer-tune.json
+	@$(BIN)/python -c 'import pgqueuer, uvloop' 2>/dev/null || $(BIN)/pip install --quiet -c requirements.lock -e '.[bench]'
+	$(BIN)/python -m bench.peers.tune $(BENCH_ARGS)
+
 .PHONY: bench-smoke
 bench-smoke: $(STAMP) ## a short benchmark run for CI (a minute or two): fails only on lost or stale states
 	$(BIN)/python -m bench.run --smoke $(BENCH_ARGS)

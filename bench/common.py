@@ -643,29 +643,37 @@ class CpuMeter:
         self.procs = procs
         self.servers = servers
         self._start: dict[str, float] = {}
+        self._servers_start: dict[int, float] = {}
         self._t0 = 0.0
 
-    def _server_cpu(self) -> float:
-        total = 0.0
-        for pid in os.listdir("/proc"):
-            if pid.isdigit() and _comm(pid) in self.servers:
-                total += _proc_cpu(int(pid))
-        return total
+    def _server_cpu(self) -> dict[int, float]:
+        return {
+            int(pid): _proc_cpu(int(pid))
+            for pid in os.listdir("/proc")
+            if pid.isdigit() and _comm(pid) in self.servers
+        }
 
     def _snapshot(self) -> dict[str, float]:
         snap = {name: _proc_cpu(pid) for name, pid in self.procs.items()}
-        snap["database"] = self._server_cpu()
         busy, _ = _machine_busy()
         snap["machine"] = busy
         return snap
 
     def start(self) -> None:
         self._start = self._snapshot()
+        self._servers_start = self._server_cpu()
         self._t0 = time.monotonic()
 
     def stop(self) -> dict[str, float]:
         """Average cores used by each, over the interval (1.0 = one core busy)."""
         end = self._snapshot()
+        # Per server process: one that exited meanwhile (another run's backend) would otherwise
+        # take its whole past off the total. Its last moments are lost; the workers' and the
+        # consumer's connections live through the interval.
+        servers = self._server_cpu()
+        end["database"] = sum(
+            cpu - self._servers_start.get(pid, 0.0) for pid, cpu in servers.items()
+        )
         elapsed = max(time.monotonic() - self._t0, 1e-9)
         used = {k: round((end[k] - self._start.get(k, 0.0)) / elapsed, 2) for k in end}
         # What the rest of the machine (other people's tests, this harness) took meanwhile.

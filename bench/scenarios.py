@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import sqlite3
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -41,6 +42,9 @@ from bench.common import (
     start_worker,
     wait_registered_pg,
 )
+
+if TYPE_CHECKING:  # PgQueuer is a `bench` extra: the smoke runs without it
+    from bench.peers.pgqueuer_relay import PeerSettings
 
 #: A drain that has not finished by then is reported as failed (bounded waits everywhere).
 DRAIN_TIMEOUT = 600.0
@@ -99,17 +103,31 @@ async def drain_pg(
     profile: Path | None = None,
     label: str = "drain",
     diagnose: Sequence[str] | None = None,
+    preload: bool = False,
+    receiver: Receiver | None = None,
 ) -> dict[str, Any]:
     """Start the workers idle, commit `n` seated bookings in one COPY, time until the last one
     arrives at the receiver. With `old_rows`, the tables first get that many old processed
-    outbox rows, delivered deliveries, their attempts and snapshots."""
+    outbox rows, delivered deliveries, their attempts and snapshots.
+
+    With `preload`, the bookings are committed first and the workers started after (a backlog
+    waiting for the relay), and the rate runs from the first POST to the last at the receiver.
+    `receiver`: a running receiver to use (reset first), so that runs compared with each other
+    share it; otherwise one of its own."""
     config = config or RelayConfig()
-    async with pg_database(label) as database, Receiver(workdir) as receiver:
+    async with pg_database(label) as database, _receiver_scope(workdir, receiver) as receiver:
         url = pg_url(database)
         await migrate(url, notify=config.notify, workdir=workdir)
         if old_rows:
             await load_old_rows(database, old_rows)
         payloads = [seated_payload(tag, i) for i in range(n)]
+        if preload:
+            conn = await pg_connect(database)
+            try:
+                async with conn.transaction():
+                    await copy_outbox(conn, payloads)
+            finally:
+                await conn.close()
         if diagnose is None:
             procs = [
                 start_worker(f"worker{k}", url, receiver.url, config, workdir)
@@ -123,18 +141,24 @@ async def drain_pg(
             procs = [spawn(f"worker{k}", argv, env=env, workdir=workdir) for k in range(replicas)]
         profiler: subprocess.Popen[bytes] | None = None
         try:
-            await wait_registered_pg(database, procs)
-            await asyncio.sleep(0.5)  # let start-up work (retention, heartbeats) settle
             meter = CpuMeter(
                 {f"worker{k}": p.pid for k, p in enumerate(procs)} | _receiver_pid(receiver)
             )
-            conn = await pg_connect(database)
-            try:
-                async with conn.transaction():
-                    await copy_outbox(conn, payloads)
+            if preload:
+                # The clock of a preloaded drain is the receiver's (first POST to last): the
+                # workers' start-up counts in neither the rate nor the CPU.
                 t0 = time.monotonic_ns()
-            finally:
-                await conn.close()
+                await receiver.wait_for(1, within=DRAIN_TIMEOUT, poll=0.005)
+            else:
+                await wait_registered_pg(database, procs)
+                await asyncio.sleep(0.5)  # let start-up work (retention, heartbeats) settle
+                conn = await pg_connect(database)
+                try:
+                    async with conn.transaction():
+                        await copy_outbox(conn, payloads)
+                    t0 = time.monotonic_ns()
+                finally:
+                    await conn.close()
             meter.start()
             vacuum = AutovacuumStandIn(database, AUTOVACUUM_NAPTIME)
             vacuum.start()
@@ -148,7 +172,8 @@ async def drain_pg(
                     f"drain incomplete: {stats['received']}/{n} arrived in {DRAIN_TIMEOUT:g}s\n"
                     + procs[0].tail()
                 )
-            elapsed = (stats["last_ns"] - t0) / 1e9
+            first_to_last = max((stats["last_ns"] - stats["first_ns"]) / 1e9, 1e-9)
+            elapsed = first_to_last if preload else (stats["last_ns"] - t0) / 1e9
             # The relay records the answers just after; wait for every delivery to say so.
             deadline = time.monotonic() + 60
             delivered = await _delivered_count(database)
@@ -176,8 +201,10 @@ async def drain_pg(
         if diagnose is not None
         else None,
         "old_rows": old_rows,
+        "preload": preload,
         "seconds": round(elapsed, 3),
         "rate": round(n / elapsed, 1),
+        "rate_first_to_last_post": round(n / first_to_last, 1),
         "posts": dump["received"],
         "all_recorded_delivered": delivered >= n,
         "recorded_seconds": round(recorded_s, 3),
@@ -188,10 +215,22 @@ async def drain_pg(
         "config": config.describe(),
     }
     log(
-        f"{label}: {n} in {elapsed:.2f}s = {n / elapsed:,.0f}/s, replicas={replicas}, "
+        f"{label}: {n} in {elapsed:.2f}s = {n / elapsed:,.0f}/s, preload={preload}, "
+        f"replicas={replicas}, "
         f"old_rows={old_rows:,}, rss={result['peak_rss_mb']} MB, cpu={cpu}, ok={check['ok']}"
     )
     return result
+
+
+@contextlib.asynccontextmanager
+async def _receiver_scope(workdir: Path, receiver: Receiver | None) -> AsyncIterator[Receiver]:
+    """The given receiver, reset; or a new one for this run only."""
+    if receiver is not None:
+        await receiver.reset()
+        yield receiver
+        return
+    async with Receiver(workdir) as own:
+        yield own
 
 
 def _receiver_pid(receiver: Receiver) -> dict[str, int]:
@@ -532,51 +571,56 @@ async def coalescing_pg(
 
 
 async def drain_pgqueuer(
-    workdir: Path, *, n: int, tag: int, concurrency: int | None = None, batch_size: int = 16
+    workdir: Path,
+    *,
+    n: int,
+    tag: int,
+    settings: PeerSettings | None = None,
+    preload: bool = False,
+    receiver: Receiver | None = None,
 ) -> dict[str, Any]:
-    """The drain done by the PgQueuer peer: n jobs committed at once, time to the last POST."""
-    concurrency = concurrency or RelayConfig().concurrency
-    from app.contract import serialize
+    """The drain done by the PgQueuer peer (`bench/peers/pgqueuer_relay.py`, `settings`: its
+    `PeerSettings`, by default its best), with the protocol of `drain_pg`: n jobs committed in
+    one transaction while the consumer waits (time from COMMIT to the last POST), or, with
+    `preload`, before it starts (time from the first POST to the last)."""
     from bench.peers import pgqueuer_relay
 
-    async with pg_database("pgqueuer") as database, Receiver(workdir) as receiver:
+    settings = settings or pgqueuer_relay.BEST
+    async with pg_database("pgqueuer") as database, _receiver_scope(workdir, receiver) as receiver:
         url = pg_url(database)
         await pgqueuer_relay.install(url)
-        bodies = [serialize(parse_state(seated_payload(tag, i))) for i in range(n)]
-        proc = spawn(
-            "pgqueuer-consumer",
-            [
-                PYTHON,
-                "-m",
-                "bench.peers.pgqueuer_relay",
-                "consume",
-                "--dsn",
-                url,
-                "--url",
-                receiver.url,
-                "--concurrency",
-                str(concurrency),
-                "--batch-size",
-                str(batch_size),
-            ],
-            env={**_env_with_root()},
-            workdir=workdir,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and "consumer ready" not in (proc.tail() or ""):
-                if not proc.alive():
-                    raise RuntimeError(f"pgqueuer consumer exited:\n{proc.tail()}")
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.5)
-            meter = CpuMeter({"consumer": proc.pid} | _receiver_pid(receiver))
+        bodies = pgqueuer_relay.bodies_for(tag, n)
+
+        async def commit_jobs() -> int:
             conn = await pg_connect(database)
             try:
                 async with conn.transaction():
                     await pgqueuer_relay.enqueue(conn, bodies)
-                t0 = time.monotonic_ns()
+                return time.monotonic_ns()
             finally:
                 await conn.close()
+
+        if preload:
+            await commit_jobs()
+        argv = [PYTHON, "-m", "bench.peers.pgqueuer_relay", "consume", "--dsn", url]
+        argv += ["--url", receiver.url, "--batch-size", str(settings.batch_size)]
+        argv += ["--max-concurrent-tasks", str(settings.max_concurrent_tasks)]
+        argv += ["--http-concurrency", str(settings.http_concurrency)]
+        argv += ["--loop", "uvloop" if settings.uvloop else "asyncio"]
+        proc = spawn("pgqueuer-consumer", argv, env=_env_with_root(), workdir=workdir)
+        try:
+            meter = CpuMeter({"consumer": proc.pid} | _receiver_pid(receiver))
+            if preload:
+                t0 = time.monotonic_ns()
+                await receiver.wait_for(1, within=DRAIN_TIMEOUT, poll=0.005)
+            else:
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and "consumer ready" not in proc.tail():
+                    if not proc.alive():
+                        raise RuntimeError(f"pgqueuer consumer exited:\n{proc.tail()}")
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)
+                t0 = await commit_jobs()
             meter.start()
             vacuum = AutovacuumStandIn(database, AUTOVACUUM_NAPTIME)
             vacuum.start()
@@ -589,20 +633,62 @@ async def drain_pgqueuer(
             code = proc.stop()
     if stats["received"] < n:
         raise RuntimeError(f"pgqueuer drain incomplete: {stats['received']}/{n}\n{proc.tail()}")
-    elapsed = (stats["last_ns"] - t0) / 1e9
+    first_to_last = max((stats["last_ns"] - stats["first_ns"]) / 1e9, 1e-9)
+    elapsed = first_to_last if preload else (stats["last_ns"] - t0) / 1e9
+    expected = {}
+    for body in bodies:
+        payload = json.loads(body)
+        expected[payload["bookingId"]] = payload
+    check = check_final_states(dump, expected)
     result = {
         "n": n,
+        "preload": preload,
         "seconds": round(elapsed, 3),
         "rate": round(n / elapsed, 1),
+        "rate_first_to_last_post": round(n / first_to_last, 1),
         "rate_trace_per_5s": rate_trace([v[1] for v in dump["bookings"].values()], t0),
         "autovacuum_standin": vacuums,
         "posts": stats["received"],
         "peak_rss_mb": round(rss / 1024, 1) if rss else None,
         "cpu_cores": cpu,
         "exit_code": code,
-        "config": {"concurrency": concurrency, "batch_size": batch_size},
+        "correct": check,
+        "config": settings.describe(),
     }
-    log(f"pgqueuer peer: {n} in {elapsed:.2f}s = {n / elapsed:,.0f}/s, cpu={cpu}")
+    log(
+        f"pgqueuer peer: {n} in {elapsed:.2f}s = {n / elapsed:,.0f}/s, preload={preload}, "
+        f"{settings.describe()}, cpu={cpu}, ok={check['ok']}"
+    )
+    return result
+
+
+async def ceiling_peer_client(
+    workdir: Path, *, n: int, tag: int, receiver: Receiver | None = None
+) -> dict[str, Any]:
+    """The peer's HTTP client (aiohttp, pre-serialised bodies, its pool) alone, no database:
+    the bare ceiling of this machine, timed at the receiver from the first POST to the last."""
+    from bench.peers import pgqueuer_relay
+
+    settings = pgqueuer_relay.BEST
+    async with _receiver_scope(workdir, receiver) as receiver:
+        argv = [PYTHON, "-m", "bench.peers.pgqueuer_relay", "ceiling", "--url", receiver.url]
+        argv += ["--n", str(n), "--tag", str(tag)]
+        argv += ["--http-concurrency", str(settings.http_concurrency)]
+        argv += ["--loop", "uvloop" if settings.uvloop else "asyncio"]
+        _, out = await run_child(argv, within=DRAIN_TIMEOUT, env=_env_with_root())
+        client: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        stats = await receiver.stats()
+    first_to_last = max((stats["last_ns"] - stats["first_ns"]) / 1e9, 1e-9)
+    result = {
+        "n": n,
+        "received": stats["received"],
+        "seconds": round(first_to_last, 3),
+        "rate": round(n / first_to_last, 1),
+        "client": client,
+        "http_concurrency": settings.http_concurrency,
+        "uvloop": settings.uvloop,
+    }
+    log(f"bare HTTP client, no database: {n} POSTs = {result['rate']:,.0f}/s")
     return result
 
 

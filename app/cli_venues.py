@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import getpass
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from app.settings import Settings, load_settings
@@ -31,6 +32,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     resume.add_argument("venue_id", metavar="VENUE")
     resume.add_argument("--by", default=None, help="the operator's name (default: your user)")
+    resync = actions.add_parser(
+        "resync",
+        help="send again the newest state of each booking Mozrest was sent (a replaced POS)",
+    )
+    resync.add_argument("venue_id", metavar="VENUE")
+    resync.add_argument(
+        "--since",
+        default="24h",
+        help="bookings whose newest state was written within this long (default: %(default)s)",
+    )
+    resync.add_argument("--by", default=None, help="the operator's name (default: your user)")
 
 
 def cmd_venue(args: argparse.Namespace) -> int:
@@ -42,6 +54,13 @@ def cmd_venue(args: argparse.Namespace) -> int:
     by = (args.by or getpass.getuser())[:64]
     # Audited like the API's calls, under the operator's name, from the command line.
     audit = AuditEntry(actor=by, action=f"venue.{args.action}", target=args.venue_id, client="cli")
+    if args.action == "resync":
+        since = datetime.now(UTC) - timedelta(seconds=_duration(args.since))
+        queued = _run(
+            settings, lambda store: store.resync_venue(args.venue_id, since=since, audit=audit)
+        )
+        print(f"queued {queued} booking states of venue {args.venue_id} again")
+        return 0
     if args.action == "pause":
         if args.reason is not None and len(args.reason) > 500:
             from app.runtime import CommandError
@@ -66,6 +85,18 @@ async def _all_venues(store: Any) -> list[dict[str, Any]]:
         if len(page) < 500:
             return venues
         after = page[-1]["venue_id"]
+
+
+def _duration(text: str) -> float:
+    from app.runtime import CommandError
+    from app.settings import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise CommandError(
+            f"--since: {text!r} is not a duration (e.g. 30m, 24h, 7d)", exit_status=2
+        ) from None
 
 
 def _run(settings: Settings, call: Callable[[Any], Awaitable[Any]]) -> Any:

@@ -81,6 +81,8 @@ booking = Table(
     Column("created_at", UTCDateTime(), nullable=False, server_default=utcnow()),
     Column("updated_at", UTCDateTime(), nullable=False, server_default=utcnow()),
     Index("ix_mozrest_booking_updated_at", "updated_at"),
+    # A venue's bookings, for its resync.
+    Index("ix_mozrest_booking_venue_id", "venue_id"),
     **MYSQL_TABLE_OPTIONS,
 )
 
@@ -110,6 +112,9 @@ delivery = Table(
     Column("outbox_created_at", UTCDateTime(), nullable=True),
     # When an operator last requeued it: RELAY_RETRY_MAX_AGE counts from here, or from creation.
     Column("requeued_at", UTCDateTime(), nullable=True),
+    # Why it was made: `change` (ingest), `replay` (an operator's requeue) or `resync` (a
+    # venue's resync: a state Mozrest accepted, sent again past the no-op rule).
+    Column("reason", String(16), nullable=False, server_default=text("'change'")),
     Index(
         "ix_mozrest_delivery_due",
         "next_attempt_at",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query
@@ -13,10 +14,20 @@ from fastapi.exceptions import RequestValidationError
 from app.deps import CallerDep, ContextDep, audit_as
 from app.logs import get_logger, log_event
 from app.routes import NOT_FOUND, Limit, reject_unknown_query
-from app.schemas import Error, PauseRequest, Venue, VenuePage, VenueUpdate
+from app.schemas import (
+    Error,
+    PauseRequest,
+    ResyncRequest,
+    ResyncResult,
+    Venue,
+    VenuePage,
+    VenueUpdate,
+)
 from app.text import storable
 
 log = get_logger("api")
+#: A resync without `since` takes the bookings whose newest state was written this recently.
+DEFAULT_RESYNC_WINDOW = timedelta(hours=24)
 
 router = APIRouter(
     dependencies=[Depends(reject_unknown_query)],
@@ -122,6 +133,25 @@ async def update_venue(
     )
     _log("venue.update", caller.name, venue_id, send_items=body.send_items)
     return Venue(**row)
+
+
+@router.post(
+    "/venues/{venue_id}/resync",
+    summary="Send again the newest state of each booking sent before, past the no-op rule",
+    responses=NOT_FOUND,
+    openapi_extra=audit_as("venue.resync"),
+)
+async def resync_venue(
+    venue_id: VenueId, context: ContextDep, caller: CallerDep, body: ResyncRequest | None = None
+) -> ResyncResult:
+    since = body.since if body is not None and body.since is not None else None
+    if since is None:
+        since = datetime.now(UTC) - DEFAULT_RESYNC_WINDOW
+    queued = await context.store.resync_venue(
+        venue_id, since=since, audit=caller.audit("venue.resync", venue_id)
+    )
+    _log("venue.resync", caller.name, venue_id, queued=queued, since=since.isoformat())
+    return ResyncResult(queued=queued)
 
 
 def _log(event: str, actor: str, venue_id: str, **fields: Any) -> None:

@@ -82,6 +82,10 @@ class Delivery(BaseModel):
     venue_paused: bool = Field(
         description="Its venue is paused: nothing is sent for it until the venue resumes."
     )
+    reason: Literal["change", "replay", "resync"] = Field(
+        description="Why it was made: a new state (`change`), an operator's requeue (`replay`), "
+        "a venue's resync (`resync`)."
+    )
 
 
 class Attempt(BaseModel):
@@ -294,3 +298,16 @@ class VenueUpdate(BaseModel):
     send_items: StrictBool | None = Field(
         description="true or false for this venue; null follows RELAY_SEND_ITEMS."
     )
+
+
+class ResyncRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    since: Timestamp | None = Field(
+        default=None,
+        description="Only bookings whose newest state was written since; default 24 hours ago.",
+    )
+
+
+class ResyncResult(BaseModel):
+    queued: int = Field(description="Bookings whose newest state was queued again.")

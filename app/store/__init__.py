@@ -10,6 +10,7 @@
 | `upkeep` | the processes' heartbeats, retention, health checks |
 | `admin`, `replay` | the admin API's reads, and operators' requeues and cancels |
 | `venues` | pause and resume, per-venue settings; what ingest and claims must know of them |
+| `resync` | a venue's bookings' newest states, sent again past the no-op rule |
 | `rate` | the relay-wide rate limit's shared token bucket |
 
 Every store function reads, decides with a pure function of `app.policy` (`decide`,
@@ -42,6 +43,7 @@ from app.store.records import (
     WorkerInfo,
 )
 from app.store.replay import Replays
+from app.store.resync import Resync
 from app.store.toolkit import Toolkit, statement_names
 from app.store.upkeep import PRUNE_BATCH_SIZE, Upkeep
 from app.store.venues import VenueRules, Venues
@@ -87,6 +89,13 @@ class Store:
         admin = AdminQueries(self.tools)
         replays = Replays(self.tools, self.audit)
         venues = Venues(self.tools, rules, self.audit)
+        resync = Resync(
+            self.tools,
+            rules=rules,
+            audit=self.audit,
+            send_items=send_items,
+            max_payload_bytes=max_payload_bytes,
+        )
         # The worker's side.
         self.ingest = ingest.run
         self.claim_due = dispatch.claim_due
@@ -116,6 +125,7 @@ class Store:
         self.resume_venue = venues.resume
         self.update_venue = venues.update_settings
         self.count_paused_venues = venues.count_paused
+        self.resync_venue = resync.resync_venue
         self.erase_booking = privacy.erase_booking
 
 

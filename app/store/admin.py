@@ -47,6 +47,7 @@ DELIVERY_COLUMNS = (
     delivery.c.delivered_at,
     delivery.c.last_status_code,
     delivery.c.last_error,
+    delivery.c.reason,
 )
 #: Columns of an outbox row in lists (not the payload); keep in step with `app.schemas`.
 OUTBOX_COLUMNS = (

@@ -201,8 +201,9 @@ class Replays:
             .values(
                 status="pending",
                 next_attempt_at=now,
-                # A replay gets a fresh RELAY_RETRY_MAX_AGE window (`Store._settle`).
+                # A replay gets a fresh RELAY_RETRY_MAX_AGE window (`RetryPolicy.settle`).
                 requeued_at=now,
+                reason="replay",
                 lease_owner=None,
                 lease_token=None,
                 lease_expires_at=None,

@@ -78,3 +78,20 @@ async def test_dead_deliveries_of_the_last_hour_show_which_venue_to_pause(api: A
     await api.answer(400)
     venue = (await api.client.get("/api/venues/v-bad")).json()
     assert venue["dead_last_hour"] == 2 and venue["deliveries"]["dead"] == 2
+
+
+async def test_resync_answers_how_many_it_queued_and_is_audited(api: Api) -> None:
+    """POST /resync answers `{"queued": N}`; its deliveries say `reason: resync`; the call is
+    in the audit trail; an unknown venue is a 404."""
+    await api.write(state("b1", venue_id="v-a"))
+    await api.answer(200)
+    answer = await api.client.post("/api/venues/v-a/resync", json={})
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"queued": 1}
+    reasons = sorted(d["reason"] for d in await api.deliveries(venue_id="v-a"))
+    assert reasons == ["change", "resync"]
+    audit = (await api.client.get("/api/audit", params={"action": "venue.resync"})).json()
+    assert [(row["target"], row["result"]) for row in audit["items"]] == [("v-a", "ok")]
+    assert (await api.client.post("/api/venues/never/resync")).status_code == 404
+    since = await api.client.post("/api/venues/v-a/resync", json={"since": "2999-01-01T00:00:00Z"})
+    assert since.json() == {"queued": 0}

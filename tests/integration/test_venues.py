@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -155,3 +155,59 @@ def test_a_negative_or_non_numeric_rate_limit_is_refused_naming_it() -> None:
         with pytest.raises((ConfigError, ValueError)) as caught:
             Settings(_env_file=None, relay_rate_limit=value)
         assert "RELAY_RATE_LIMIT" in str(caught.value) or "relay_rate_limit" in str(caught.value)
+
+
+# -- resync (SPEC 16) ---------------------------------------------------------------------------
+
+
+async def test_resync_sends_each_sent_bookings_newest_state_again_past_the_no_op_rule(
+    relay: Relay,
+) -> None:
+    """After a venue's POS was replaced: every booking sent before gets its newest state sent
+    once more (`reason` `resync`), a booking never sent stays held, other venues are untouched."""
+    await relay.start()
+    sent, other = state("rs-1", venue_id="v-rs"), state("rs-2", venue_id="v-other")
+    held = state("rs-3", venue_id="v-rs", status="confirmed")
+    await relay.insert(sent, other, held)
+    await relay.wait_landed(sent)
+    await relay.wait_landed(other)
+    store = relay.store()
+    queued = await store.resync_venue("v-rs", since=datetime.now(UTC) - timedelta(hours=1))
+    assert queued == 1
+    await eventually(lambda: _posted_twice(relay, "rs-1"), timeout=5, message="rs-1 sent again")
+    assert await _posted(relay, "rs-1") == [sent, sent]
+    assert await _posted(relay, "rs-2") == [other]
+    assert await _posted(relay, "rs-3") == []
+    reasons = [d.reason for d in await relay.deliveries("rs-1")]
+    assert reasons == ["change", "resync"]
+
+
+async def _posted_twice(relay: Relay, booking_id: str) -> bool:
+    return len(await _posted(relay, booking_id)) == 2
+
+
+async def test_resync_keeps_newest_wins_and_a_paused_venue_paused(relay: Relay) -> None:
+    """A state written after the resync supersedes the resent one; on a paused venue the
+    resent states wait for the resume; bookings older than `since` are left alone."""
+    await relay.start()
+    first, old = state("rw-1", venue_id="v-rw"), state("rw-old", venue_id="v-rw")
+    await relay.insert(old)
+    await relay.wait_landed(old)
+    await asyncio.sleep(1.2)
+    cut = datetime.now(UTC)
+    await relay.insert(first)
+    await relay.wait_landed(first)
+    await relay.stop()
+    store = relay.store()
+    await store.pause_venue("v-rw", by="dora", reason="resync while paused")
+    assert await store.resync_venue("v-rw", since=cut) == 1  # rw-old is older than `since`
+    newer = state("rw-1", venue_id="v-rw", partySize=7)
+    await relay.insert(newer)
+    await relay.start()
+    await asyncio.sleep(1.0)
+    assert await _posted(relay, "rw-1") == [first]  # paused: nothing more yet
+    await relay.store().resume_venue("v-rw")
+    await relay.wait_landed(newer)
+    await asyncio.sleep(0.5)
+    assert await _posted(relay, "rw-1") == [first, newer]  # the resent state was superseded
+    assert await _posted(relay, "rw-old") == [old]

@@ -7,6 +7,7 @@ lock, decides with `policy.plan_lease`, then writes (docs/adr/0002-claims-and-le
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -31,6 +32,16 @@ def _due_bookings(tools: Toolkit) -> Any:
         select(delivery.c.booking_id)
         .where(ACTIVE, delivery.c.next_attempt_at <= bindparam("now"))
         .order_by(delivery.c.next_attempt_at)
+        .limit(bindparam("limit", type_=Integer))
+    )
+
+
+@statement("dispatch.due_bookings_newest")
+def _due_bookings_newest(tools: Toolkit) -> Any:
+    return (
+        select(delivery.c.booking_id)
+        .where(ACTIVE, delivery.c.next_attempt_at <= bindparam("now"))
+        .order_by(delivery.c.next_attempt_at.desc())
         .limit(bindparam("limit", type_=Integer))
     )
 
@@ -99,16 +110,7 @@ class Dispatch:
             return []
         async with self.tools.write() as conn:
             now = await self.tools.now(conn)
-            candidates = (
-                (
-                    await conn.execute(
-                        self.tools.statement("dispatch.due_bookings"),
-                        {"now": now, "limit": limit * 2},
-                    )
-                )
-                .scalars()
-                .all()
-            )
+            candidates = await self._candidates(conn, now, limit)
             if not candidates:
                 return []
             known = await bookings.lock_bookings(self.tools, conn, candidates, skip_locked=True)
@@ -127,6 +129,34 @@ class Dispatch:
             if not chosen:
                 return []
             return await self._lease(conn, chosen, known, worker_id, lease_seconds, now)
+
+    async def _candidates(self, conn: AsyncConnection, now: datetime, limit: int) -> list[str]:
+        """Bookings with a delivery due, half from the oldest due and half from the newest,
+        taken in turn: a backlog drains oldest first, while a state that just came due (a new
+        booking, another venue's) never waits behind the whole backlog (docs/adr/0007)."""
+        oldest = (
+            (
+                await conn.execute(
+                    self.tools.statement("dispatch.due_bookings"), {"now": now, "limit": limit * 2}
+                )
+            )
+            .scalars()
+            .all()
+        )
+        if len(oldest) < limit * 2:
+            return list(oldest)  # no backlog: these are all that is due
+        newest = (
+            (
+                await conn.execute(
+                    self.tools.statement("dispatch.due_bookings_newest"),
+                    {"now": now, "limit": limit},
+                )
+            )
+            .scalars()
+            .all()
+        )
+        turns = itertools.chain.from_iterable(itertools.zip_longest(oldest, newest))
+        return list(dict.fromkeys(b for b in turns if b is not None))
 
     async def _park_paused(
         self, conn: AsyncConnection, chosen: list[Any], now: datetime

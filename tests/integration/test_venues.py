@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -211,3 +212,32 @@ async def test_resync_keeps_newest_wins_and_a_paused_venue_paused(relay: Relay) 
     await asyncio.sleep(0.5)
     assert await _posted(relay, "rw-1") == [first, newer]  # the resent state was superseded
     assert await _posted(relay, "rw-old") == [old]
+
+
+@pytest.mark.parametrize("rate_limit", [0.0, 30.0], ids=["no-limit", "30-per-s"])
+async def test_a_small_venue_never_waits_behind_a_big_venues_backlog(
+    relay: Relay, rate_limit: float
+) -> None:
+    """600 states of venue A due at once (a resumed venue) drain slowly (Mozrest takes 100 ms,
+    4 requests at a time); a state written for venue B meanwhile is delivered within a second,
+    with or without a rate limit (claims take from the newest due as well as the oldest)."""
+    store = relay.store()
+    await store.pause_venue("v-big", by="ed", reason="backlog")
+    backlog = [state(f"big-{n}", venue_id="v-big") for n in range(600)]
+    await relay.insert(*backlog)
+    await relay.set_faults(latency_ms=100)
+    await relay.start(relay_concurrency=4, relay_rate_limit=rate_limit)
+    await eventually(lambda: _all_processed(relay), timeout=20, message="the backlog ingested")
+    await relay.store().resume_venue("v-big")
+    await asyncio.sleep(1.0)  # the backlog is draining
+    waits = []
+    for number in range(5):
+        small = state(f"small-{number}", venue_id="v-small")
+        written = time.monotonic()
+        await relay.insert(small)
+        await relay.wait_landed(small, timeout=10)
+        waits.append(time.monotonic() - written)
+    held = await relay.bookings()
+    left = sum(1 for b in backlog if b["bookingId"] not in held)
+    assert left > 100, "the backlog drained too fast to show anything"
+    assert max(waits) < 1.0, f"the small venue waited {max(waits):.2f}s behind the backlog"

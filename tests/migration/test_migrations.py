@@ -103,4 +103,4 @@ def test_migrations_leave_other_tables_and_histories_alone(empty_database_url: s
     downgrade(empty_database_url, "base")
     assert "reservation" in asyncio.run(_tables(empty_database_url))
     assert asyncio.run(rms_version()) == "rms_0042"
-    assert head_revision() == "0002"
+    assert head_revision() == "0005"

@@ -1,13 +1,14 @@
 """What tracing costs the drain: today's relay, this one with tracing off, and with it on.
 
-    python -m bench.tracing                      3 rounds of 10,000-booking drains on PostgreSQL
-    python -m bench.tracing --n 10000 --rounds 3 --baseline main
+    python -m bench.tracing                      4 rounds of 10,000-booking drains on PostgreSQL
+    python -m bench.tracing --n 10000 --rounds 5 --baseline main
 
-Each round drains the same way three times, in a rotating order (the machine is shared: load
+Each round drains once per variant, in a rotating order (the machine is shared: load
 shifts within minutes): `baseline` is the relay as committed at `--baseline` (its `app/` and
 migrations extracted to a temporary folder and put first on the worker's PYTHONPATH), `off` is
 this tree with no `OTEL_*` set, `on` is this tree exporting every span over OTLP/HTTP to a
-collector stand-in in this process (it decodes each request, to count the spans that arrived).
+collector stand-in in this process (it decodes each request, to count the spans that arrived),
+`sampled` is `on` keeping one trace in ten (`OTEL_TRACES_SAMPLER=parentbased_traceidratio`).
 The drain is `bench/scenarios.py`'s: the worker idle, then n seated bookings committed at once,
 timed to the last POST at the receiver. Its rows carry no `traceparent`, so with tracing on each
 delivery also starts its own trace (`delivery.created`): the dearer case. Reported per variant:
@@ -39,7 +40,7 @@ from bench.common import RelayConfig, Workdir, load_average, machine_summary, me
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-VARIANTS = ("baseline", "off", "on")
+VARIANTS = ("baseline", "off", "on", "sampled")
 
 
 class _Collector(BaseHTTPRequestHandler):
@@ -118,7 +119,12 @@ def relay_from(tree: Path | None) -> Iterator[None]:
 async def drain(
     variant: str, workdir: Path, *, n: int, tag: int, tree: Path, endpoint: str
 ) -> dict[str, Any]:
-    extra = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint} if variant == "on" else {}
+    extra = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint} if variant in {"on", "sampled"} else {}
+    if variant == "sampled":
+        extra |= {
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.1",
+        }
     with relay_from(tree if variant == "baseline" else None):
         result = await scenarios.drain_pg(
             workdir, n=n, tag=tag, config=RelayConfig(extra=extra), label=f"drain-{variant}"
@@ -149,13 +155,13 @@ async def amain(args: argparse.Namespace) -> int:
     try:
         with baseline_tree(args.baseline) as tree, collector() as (endpoint, sink):
             for k in range(args.rounds):
-                order = VARIANTS[k % 3 :] + VARIANTS[: k % 3]
+                order = VARIANTS[k % len(VARIANTS) :] + VARIANTS[: k % len(VARIANTS)]
                 for variant in order:
                     tag += 1
                     result = await drain(
                         variant, workdir.path, n=args.n, tag=tag, tree=tree, endpoint=endpoint
                     )
-                    if variant == "on":
+                    if variant in {"on", "sampled"}:
                         await asyncio.sleep(1)  # the worker exported the rest as it exited
                         result["spans_received"] = sink.spans - spans_before
                         spans_before = sink.spans
@@ -172,7 +178,8 @@ async def amain(args: argparse.Namespace) -> int:
         }
         for variant, results in runs.items()
     }
-    report["summary"]["on"]["spans_received"] = [r.get("spans_received") for r in runs["on"]]
+    for variant in ("on", "sampled"):
+        report["summary"][variant]["spans_received"] = [r["spans_received"] for r in runs[variant]]
     report["runs"] = runs
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tracing.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -207,14 +214,15 @@ def table(report: dict[str, Any]) -> str:
             f"| {s['worker_ms_per_delivery'] / base['worker_ms_per_delivery'] - 1:+.1%} CPU, "
             f"{s['rate'] / base['rate'] - 1:+.1%} rate | {s['peak_rss_mb']} MB |"
         )
-    lines.append(f"spans received per `on` drain: {summary['on']['spans_received']}")
+    for variant in ("on", "sampled"):
+        lines.append(f"spans received per `{variant}` drain: {summary[variant]['spans_received']}")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.tracing", description=__doc__)
     parser.add_argument("--n", type=int, default=10_000, help="bookings per drain")
-    parser.add_argument("--rounds", type=int, default=3, help="drains of each variant")
+    parser.add_argument("--rounds", type=int, default=4, help="drains of each variant")
     parser.add_argument("--baseline", default="main", help="git revision to compare with")
     return parser.parse_args(argv)
 

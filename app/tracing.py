@@ -1,6 +1,6 @@
 """Tracing with OpenTelemetry: off unless the `OTEL_*` settings ask for an exporter.
 
-While off, nothing of OpenTelemetry is imported and each hook below is a test of one module
+While off, nothing of the SDK is imported and each hook below is a test of one module
 global; a valid `traceparent` an RMS wrote is still passed on to Mozrest unchanged, so its trace
 and Mozrest's line up even through a relay that exports nothing.
 

@@ -171,6 +171,12 @@ def fastapi_telemetry() -> TelemetryConfig:
     }
 
 
+def log_fields(traceparent: str | None) -> dict[str, str]:
+    """The delivery's `trace_id`, for its log lines written outside its spans (the recorder's
+    `delivery.retry_scheduled`, `delivery.dead`, ...), so they join its trace too."""
+    return {"trace_id": traceparent[3:35]} if traceparent else {}
+
+
 def _current_ids() -> tuple[str, str] | None:
     """The current span's ids as the log lines carry them (`app.logs`)."""
     from opentelemetry import trace

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -240,11 +241,13 @@ async def test_a_row_with_a_traceparent_gives_spans_of_its_trace_and_the_post_ca
 
 
 async def test_retries_of_one_delivery_are_spans_of_one_trace(
-    relay: Relay, spans: InMemorySpanExporter
+    relay: Relay, spans: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A 503 then a 200, without a row traceparent: both attempts are `webhook.post` spans of
     the delivery's own trace (under its `delivery.created` root), numbered by retry, the failed
-    one marked an error; each POST's `traceparent` names its own attempt's span."""
+    one marked an error; each POST's `traceparent` names its own attempt's span, and the
+    `delivery.retry_scheduled` log line names the trace."""
+    caplog.set_level(logging.INFO, logger="mozrest_relay")
     relay.mozrest.script["bk-retry"] = [FAIL]
     await relay.start()
     row_id = await relay.delivered(await relay.insert(state("bk-retry")))
@@ -262,6 +265,8 @@ async def test_retries_of_one_delivery_are_spans_of_one_trace(
     assert second.status.status_code is trace.StatusCode.UNSET
     headers = relay.mozrest.headers_of("bk-retry")
     assert [_ids(h["traceparent"]) for h in headers] == [_hex(first), _hex(second)]
+    (scheduled,) = [r for r in caplog.records if r.getMessage() == "delivery.retry_scheduled"]
+    assert scheduled.__dict__["trace_id"] == _hex(first)[0]
 
 
 MALFORMED = {

@@ -114,3 +114,9 @@ def test_a_line_logged_inside_a_span_carries_its_trace_and_span_ids(traced: None
     assert trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
     outside = _logged(logger, "test.outside")
     assert "trace_id" not in outside and "span_id" not in outside
+
+
+def test_a_deliverys_log_lines_outside_its_spans_name_its_trace() -> None:
+    """The recorder's lines carry the delivery's trace id; a delivery without one, none."""
+    assert tracing.log_fields(VALID) == {"trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"}
+    assert tracing.log_fields(None) == {}

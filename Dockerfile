@@ -12,7 +12,8 @@ COPY requirements.lock pyproject.toml README.md ./
 COPY app ./app
 COPY migrations ./migrations
 COPY mozrest_outbox ./mozrest_outbox
-RUN pip install --constraint requirements.lock .
+# With the `otel` extra: tracing stays off until OTEL_* asks for it (docs/platform.md).
+RUN pip install --constraint requirements.lock ".[otel]"
 
 # Final stage: the interpreter, the virtual environment, a non-root user; no compilers.
 FROM ${BASE_IMAGE}

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
-from app import __version__, metrics
+from app import __version__, metrics, tracing
 from app.deps import (
     DOCTOR_HINT,
     AppContext,
@@ -113,11 +113,13 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
                     await asyncio.gather(worker_task, return_exceptions=True)
                 await partner_api.aclose()
 
+    tracing.configure(settings)
     app = FastAPI(
         title="mozrest-relay admin API",
         version=__version__,
         description="Deliveries of reservation states to Mozrest: inspect, replay, monitor.",
         lifespan=lifespan,
+        telemetry=tracing.fastapi_telemetry(),
     )
 
     @app.exception_handler(StoreError)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,10 +46,28 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+trace_ids: Callable[[], tuple[str, str] | None] | None = None
+"""Set by `app.tracing` while tracing is on: the current span's `(trace_id, span_id)`."""
+
+
+class TraceFields(logging.Filter):
+    """Give a line written inside a span that span's `trace_id` and `span_id`, so logs and
+    traces join (nothing while tracing is off)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        reader = trace_ids
+        if reader is not None:
+            ids = reader()
+            if ids is not None:
+                record.trace_id, record.span_id = ids
+        return True
+
+
 def configure_logging(*, level: str = "info", fmt: str = "json") -> None:
     """Send the relay's events to stderr in the chosen format; quiet the libraries."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(TraceFields())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

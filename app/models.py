@@ -38,6 +38,9 @@ outbox = Table(
     Column("processed_at", UTCDateTime(), nullable=True),
     Column("outcome", String(16), nullable=True),
     Column("error", Text, nullable=True),
+    # Optional W3C trace context the RMS may write in the same INSERT (`app/tracing.py`): 55
+    # characters today; room for a later version's longer form. A malformed one is ignored.
+    Column("traceparent", String(255), nullable=True),
     # The claim reads unprocessed rows in id order; a partial index keeps that cost independent
     # of how many processed rows the table holds. MySQL has no partial indexes: see migrations.
     Index(
@@ -115,6 +118,9 @@ delivery = Table(
     # Why it was made: `change` (ingest), `replay` (an operator's requeue) or `resync` (a
     # venue's resync: a state Mozrest accepted, sent again past the no-op rule).
     Column("reason", String(16), nullable=False, server_default=text("'change'")),
+    # The trace its attempts belong to (the row's valid `traceparent`, or one started at
+    # ingest while tracing is on): every retry is a span of this one trace.
+    Column("traceparent", String(55), nullable=True),
     Index(
         "ix_mozrest_delivery_due",
         "next_attempt_at",

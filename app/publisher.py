@@ -48,11 +48,14 @@ class WebhookAnswer:
 class Publisher(Protocol):
     """Sends one booking state to Mozrest's webhook."""
 
-    async def publish(self, body: bytes, *, deadline: float | None = None) -> WebhookAnswer:
+    async def publish(
+        self, body: bytes, *, deadline: float | None = None, traceparent: str | None = None
+    ) -> WebhookAnswer:
         """POST `body` and read the answer, all before `deadline` (a `lease_clock()` time, before
         the claim's lease ends; by default the publisher's timeout from now). The deadline is
         checked again at the moment the body is written: past it nothing is written and the
-        answer says `lease_expired`."""
+        answer says `lease_expired`. `traceparent` (the request's span context, `app.tracing`)
+        goes as the W3C header of that name."""
         ...
 
     def reload_credentials(self) -> bool:
@@ -238,9 +241,14 @@ class AiohttpPublisher(_BasePublisher):
             )
         return self._session
 
-    async def publish(self, body: bytes, *, deadline: float | None = None) -> WebhookAnswer:
+    async def publish(
+        self, body: bytes, *, deadline: float | None = None, traceparent: str | None = None
+    ) -> WebhookAnswer:
         deadline = self._deadline(deadline)
         session = self._open()
+        headers = self._auth_headers
+        if traceparent is not None:
+            headers = {**headers, "traceparent": traceparent}
         started_at = datetime.now(UTC)
         start = time.perf_counter()
         payload = _GuardedPayload(body, deadline=deadline)
@@ -248,7 +256,7 @@ class AiohttpPublisher(_BasePublisher):
             # One deadline for connect, send, wait and read: the lease must outlive all of it.
             async with asyncio.timeout(_loop_deadline(deadline)):
                 async with session.post(
-                    self._url, data=payload, headers=self._auth_headers, allow_redirects=False
+                    self._url, data=payload, headers=headers, allow_redirects=False
                 ) as response:
                     content = await _read_at_most(response.content, ANSWER_BODY_LIMIT)
                     return self._answered(
@@ -292,11 +300,16 @@ class HttpxPublisher(_BasePublisher):
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self._transport = httpx.AsyncHTTPTransport(limits=limits)
 
-    async def publish(self, body: bytes, *, deadline: float | None = None) -> WebhookAnswer:
+    async def publish(
+        self, body: bytes, *, deadline: float | None = None, traceparent: str | None = None
+    ) -> WebhookAnswer:
         deadline = self._deadline(deadline)
         started_at = datetime.now(UTC)
         start = time.perf_counter()
-        request = httpx.Request("POST", self._url, headers=self._headers, content=body)
+        headers = self._headers
+        if traceparent is not None:
+            headers = {**headers, "traceparent": traceparent}
+        request = httpx.Request("POST", self._url, headers=headers, content=body)
         # The same body and headers (Host, Content-Length), read through the deadline check.
         request.stream = stream = _GuardedStream(body, deadline=deadline)
         try:

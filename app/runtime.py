@@ -17,6 +17,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app import tracing
 from app.db import create_engine
 from app.logs import get_logger, log_event
 from app.migrate import current_revision, schema_problem
@@ -240,6 +241,7 @@ async def assemble(settings: Settings, *, with_worker: bool) -> AsyncIterator[Pa
 
 async def run_worker(settings: Settings) -> None:
     """`mozrest-relay worker`: the worker alone, until SIGTERM or SIGINT."""
+    tracing.configure(settings)
     async with assemble(settings, with_worker=True) as parts:
         assert parts.worker is not None
         loop = asyncio.get_running_loop()

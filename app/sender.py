@@ -17,7 +17,7 @@ import logging
 import time
 from datetime import UTC, datetime
 
-from app import metrics
+from app import metrics, tracing
 from app.clock import lease_clock
 from app.contract import serialize
 from app.gates import Gates
@@ -131,7 +131,7 @@ class Sender:
                 await self.store.release([claim])
         else:
             deadline = min(now + self.http_timeout_seconds, lease_ends)
-            answer = await self._publish(claim, deadline, started=now)
+            answer = await self._publish(claim, deadline, started=now, probe=probe)
             if answer.written:
                 self.rate.count()
             if not answer.lease_expired:
@@ -146,10 +146,16 @@ class Sender:
             self.gates.end_probe(abandoned=True)
         return None
 
-    async def _publish(self, claim: Claim, deadline: float, *, started: float) -> WebhookAnswer:
+    async def _publish(
+        self, claim: Claim, deadline: float, *, started: float, probe: bool
+    ) -> WebhookAnswer:
         self.sending.add(claim.delivery_id)
         try:
-            return await self.publisher.publish(serialize(claim.payload), deadline=deadline)
+            with tracing.webhook_post(claim, probe=probe) as span:
+                answer = await self.publisher.publish(
+                    serialize(claim.payload), deadline=deadline, traceparent=span.traceparent
+                )
+                return span.answered(answer)
         except Exception as exc:  # a bug must not strand the claim: record a failed try
             log.exception("delivery.publish_failed", extra={"delivery_id": claim.delivery_id})
             return WebhookAnswer(

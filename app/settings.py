@@ -243,6 +243,21 @@ class Settings(BaseSettings):
         "info", description="Log level."
     )
     relay_log_format: Literal["json", "text"] = Field("json", description="Log format.")
+    # OpenTelemetry's own variables (docs/platform.md, "Tracing"); the SDK reads the rest.
+    otel_traces_exporter: Literal["otlp", "console", "none"] | None = Field(
+        None, description="`otlp` or `console` turns tracing on; unset, an OTLP endpoint does."
+    )
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector, e.g. `http://collector:4318` (traces go to /v1/traces).",
+    )
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces URL, used as given (wins over the one above)."
+    )
+    otel_service_name: str = Field("mozrest-relay", description="The traces' `service.name`.")
+    otel_sdk_disabled: Flag = Field(
+        False, description="`true` turns tracing off whatever else says."
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -250,7 +265,12 @@ class Settings(BaseSettings):
         return normalise_database_url(value)
 
     @field_validator(
-        "mozrest_env", "relay_log_level", "relay_log_format", "relay_http_transport", mode="before"
+        "mozrest_env",
+        "relay_log_level",
+        "relay_log_format",
+        "relay_http_transport",
+        "otel_traces_exporter",
+        mode="before",
     )
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
@@ -265,6 +285,11 @@ class Settings(BaseSettings):
         if parts.scheme not in {"http", "https"} or not parts.hostname:
             raise ValueError("expected an http:// or https:// URL")
         return value
+
+    @field_validator("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint")
+    @classmethod
+    def _otlp_url(cls, value: str | None) -> str | None:
+        return cls._http_url(value)
 
     @field_validator("mozrest_webhook_token", "mozrest_api_key", "relay_admin_token", mode="before")
     @classmethod

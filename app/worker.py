@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
-from app import metrics
+from app import metrics, tracing
 from app.clock import lease_clock
 from app.gates import Gates
 from app.logs import get_logger, log_event
@@ -451,6 +451,7 @@ class Worker:
                 "delivery_id": outcome.delivery_id,
                 "booking_id": outcome.booking_id,
                 "status_code": result.status_code,
+                **tracing.log_fields(result.claim.traceparent),
             }
             if outcome.status is None:
                 log_event(log, logging.WARNING, "delivery.lease_lost", **fields)

@@ -150,7 +150,9 @@ class FakePublisher:
         self.rotated_token: str | None = None
         """Set to make the next `reload_credentials` report a changed token."""
 
-    async def publish(self, body: bytes, *, deadline: float | None = None) -> WebhookAnswer:
+    async def publish(
+        self, body: bytes, *, deadline: float | None = None, traceparent: str | None = None
+    ) -> WebhookAnswer:
         self.requests.append(Request(time.monotonic(), json.loads(body)))
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)

@@ -94,6 +94,7 @@ def _active_statement(tools: Toolkit, *, payloads: bool) -> Any:
             delivery.c.next_attempt_at,
             delivery.c.lease_token,
             delivery.c.lease_expires_at,
+            delivery.c.traceparent,
         )
         .where(tools.in_param(delivery.c.booking_id, "ids"))
         .order_by(delivery.c.outbox_id, delivery.c.id)

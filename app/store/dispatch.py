@@ -251,6 +251,7 @@ class Dispatch:
                 lease_token=token,
                 lease_expires_at=expires,
                 previous_sent_outbox_id=known[row.booking_id].sent_outbox_id,
+                traceparent=row.traceparent,
             )
             for row in chosen
         ]

@@ -34,6 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app import tracing
 from app.contract import ContractError, State, parse_row
 from app.db import clock_now, is_outage, is_row_fault, translate_errors
 from app.logs import get_logger, log_event
@@ -91,6 +92,12 @@ def _unprocessed(tools: Toolkit) -> Any:
                 "payload_text"
             ),
             outbox.c.created_at,
+            # As for the payload: bytes on SQLite, so a value that is not text is ignored.
+            (
+                cast(outbox.c.traceparent, LargeBinary)
+                if tools.dialect == "sqlite"
+                else outbox.c.traceparent
+            ).label("traceparent"),
             clock_now().label("now"),  # the clock, without a round trip of its own
         )
         .where(outbox.c.processed_at.is_(None))
@@ -246,7 +253,8 @@ class Ingest:
             if not rows:
                 return IngestReport()
             try:
-                return await self._decide(conn, rows, limit=limit, lease=lease)
+                with tracing.ingest_span(rows):
+                    return await self._decide(conn, rows, limit=limit, lease=lease)
             except Exception as exc:
                 if is_outage(exc) or not is_row_fault(exc):
                     raise
@@ -407,6 +415,9 @@ class Ingest:
             "lease_owner": None,
             "lease_token": None,
             "lease_expires_at": None,
+            "traceparent": tracing.delivery_traceparent(
+                row.traceparent, booking_id=row.booking_id, venue_id=row.venue_id, outbox_id=row.id
+            ),
         }
 
     async def _write(
@@ -474,6 +485,7 @@ class Ingest:
                     previous_sent_outbox_id=(
                         known[d["booking_id"]].sent_outbox_id if d["booking_id"] in known else None
                     ),
+                    traceparent=d["traceparent"],
                 )
                 for outbox_id, d in leased.items()
             ]

@@ -46,6 +46,8 @@ class Claim:
     previous_sent_outbox_id: int | None = None
     """The booking's "sent once" mark before this claim set it: a claim given back unsent
     restores it, as if never made."""
+    traceparent: str | None = None
+    """The delivery's trace context (`app.tracing`): its request's span belongs to that trace."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
+import mozrest_outbox
 from mozrest_outbox import enqueue, enqueue_async
+from tests.conftest import PYTHON, ROOT
 
 SEATED = {
     "bookingId": "bk-helper",
@@ -69,3 +75,56 @@ def test_enqueue_refuses_a_payload_without_its_ids() -> None:
         enqueue(None, {**SEATED, "bookingId": ""})
     with pytest.raises(ValueError, match="venueId"):
         enqueue(None, {k: v for k, v in SEATED.items() if k != "venueId"})
+
+
+async def _traceparents(engine: AsyncEngine) -> list[str | None]:
+    async with engine.connect() as conn:
+        result = await conn.execute(text("SELECT traceparent FROM mozrest_outbox ORDER BY id"))
+        return [row[0] for row in result]
+
+
+async def test_enqueue_inside_a_span_writes_its_trace_context(engine: AsyncEngine) -> None:
+    """With OpenTelemetry in the RMS, a state enqueued inside a span carries that span's W3C
+    `traceparent`; one enqueued outside any span carries none."""
+    tracer = TracerProvider().get_tracer("rms")
+    with tracer.start_as_current_span("PUT /reservations/42") as span:
+        async with AsyncSession(engine) as session, session.begin():
+            await enqueue_async(session, SEATED)
+    async with AsyncSession(engine) as session, session.begin():
+        await enqueue_async(session, SEATED)
+    context = span.get_span_context()
+    assert await _traceparents(engine) == [
+        f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}",
+        None,
+    ]
+
+
+async def test_enqueue_without_opentelemetry_writes_no_trace_context(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An RMS without OpenTelemetry (its import blocked here) enqueues as before: the
+    column stays NULL, even inside what would have been a span."""
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)
+    monkeypatch.setattr(mozrest_outbox, "_trace", None)  # forget an earlier import
+    with TracerProvider().get_tracer("rms").start_as_current_span("PUT /reservations/42"):
+        async with AsyncSession(engine) as session, session.begin():
+            await enqueue_async(session, SEATED)
+        assert mozrest_outbox.current_traceparent() is None
+    assert await _traceparents(engine) == [None]
+
+
+def test_the_helper_imports_sqlalchemy_only() -> None:
+    """Importing and using the helper imports no OpenTelemetry until a statement is built,
+    and needs none of the relay."""
+    script = (
+        "import sys\n"
+        "sys.modules['opentelemetry'] = None\n"
+        "import mozrest_outbox\n"
+        "statement = mozrest_outbox.outbox_insert("
+        "{'bookingId': 'b', 'venueId': 'v', 'status': 'seated'})\n"
+        "assert 'traceparent' not in statement.compile().params\n"
+        "assert not [m for m in sys.modules if m == 'app' or m.startswith('app.')]\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([PYTHON, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr

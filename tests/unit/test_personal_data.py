@@ -56,6 +56,10 @@ REVIEWED_WITHOUT = {
     # An operator's words about a venue ("POS being replaced"), never written by the RMS.
     "mozrest_venue.pause_reason",
     "mozrest_rate.name",
+    # W3C trace contexts: random ids, no guest data.
+    "mozrest_outbox.traceparent",
+    "mozrest_delivery.traceparent",
+    "mozrest_delivery.reason",
 }
 
 

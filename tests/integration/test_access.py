@@ -17,7 +17,7 @@ from app.models import booking, delivery, outbox
 from app.policy import Verdict
 from app.store import AttemptResult
 from tests import factories
-from tests.integration.test_api import ADMIN_TOKEN, Api, running_api
+from tests.integration.conftest import ADMIN_TOKEN, Api, running_api
 
 VIEWER, OPERATOR = "viewer-token-1", "operator-token-1"
 TOKENS = ",".join(

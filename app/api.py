@@ -172,7 +172,7 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
         app.include_router(routes, prefix="/api", dependencies=guarded)
     # Last: what no route above matched.
     app.include_router(unknown_routes(*routers), prefix="/api", dependencies=guarded)
-    app.include_router(console_router)  # the operator console (app/console, SPEC 14)
+    app.include_router(console_router)  # the operator console (app/console)
     return app
 
 

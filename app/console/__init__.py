@@ -1,4 +1,5 @@
-"""The operator console (SPEC 14): server-rendered pages over the store, for people in a browser.
+"""The operator console (README, "Operator console"): server-rendered pages over the store,
+for people in a browser.
 
 | module | concern |
 | --- | --- |

@@ -1,4 +1,4 @@
-"""The operator console's sessions (SPEC 14): one row per signed-in browser.
+"""The operator console's sessions: one row per signed-in browser.
 
 Revision ID: 0006
 Revises: 0004

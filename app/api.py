@@ -22,6 +22,7 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
 from app import __version__, metrics, tracing
+from app.console import router as console_router
 from app.deps import (
     DOCTOR_HINT,
     AppContext,
@@ -173,6 +174,7 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
         app.include_router(routes, prefix="/api", dependencies=guarded)
     # Last: what no route above matched.
     app.include_router(unknown_routes(*routers), prefix="/api", dependencies=guarded)
+    app.include_router(console_router)  # the operator console (app/console)
     return app
 
 

@@ -253,3 +253,17 @@ scrub_mark = Table(
     Column("after_id", BigInteger, nullable=False, server_default=text("0")),
     **MYSQL_TABLE_OPTIONS,
 )
+
+# Operator console sessions (`app/store/sessions.py`): a hash of each session id, never the id;
+# a row is what makes a session valid, so signing out on one replica ends it on every one.
+console_session = Table(
+    "mozrest_console_session",
+    metadata,
+    Column("id_hash", String(64), primary_key=True),
+    Column("token_name", String(64), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False, server_default=utcnow()),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Index("ix_mozrest_console_session_expires_at", "expires_at"),
+    **MYSQL_TABLE_OPTIONS,
+)

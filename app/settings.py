@@ -237,6 +237,9 @@ class Settings(BaseSettings):
         description="Webhook HTTP client: aiohttp (default, fastest) or httpx (an escape hatch).",
     )
     relay_pos_tables_cache: Duration = Field(30.0, description="How long POS tables are cached.")
+    relay_console_session: Duration = Field(
+        12 * 3600.0, description="How long an operator console session lasts after sign-in."
+    )
     relay_host: str = Field("127.0.0.1", description="Admin API bind address.")
     relay_port: int = Field(8000, ge=0, le=65535, description="Admin API port.")
     relay_log_level: Literal["debug", "info", "warning", "error"] = Field(

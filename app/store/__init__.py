@@ -28,6 +28,7 @@ from app.db import StoreError
 from app.policy import RetryPolicy
 from app.store.admin import AdminQueries, ConflictError, NotFoundError
 from app.store.audit import Audit, AuditEntry
+from app.store.console import ConsoleQueries
 from app.store.dispatch import Dispatch
 from app.store.ingest import Ingest
 from app.store.outcomes import Outcomes
@@ -44,6 +45,7 @@ from app.store.records import (
 )
 from app.store.replay import Replays
 from app.store.resync import Resync
+from app.store.sessions import ConsoleSessions
 from app.store.toolkit import Toolkit, statement_names
 from app.store.upkeep import PRUNE_BATCH_SIZE, Upkeep
 from app.store.venues import VenueRules, Venues
@@ -127,6 +129,9 @@ class Store:
         self.count_paused_venues = venues.count_paused
         self.resync_venue = resync.resync_venue
         self.erase_booking = privacy.erase_booking
+        # The operator console's own reads and sessions (`store/console.py`, `store/sessions.py`).
+        self.console = ConsoleQueries(self.tools, self.audit)
+        self.sessions = ConsoleSessions(self.tools)
 
 
 __all__ = [

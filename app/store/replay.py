@@ -29,6 +29,31 @@ from app.store.bookings import lock_bookings
 from app.store.toolkit import Toolkit
 
 
+def requeue_candidates(
+    status: str,
+    *,
+    venue_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    booking_id: str | None = None,
+    delivery_ids: Sequence[int] | None = None,
+) -> Any:
+    """The deliveries a bulk requeue considers (`id`, `booking_id`); the console counts them
+    with the same query before asking for a confirmation (`store/console.py`)."""
+    query = select(delivery.c.id, delivery.c.booking_id).where(delivery.c.status == status)
+    if venue_id is not None:
+        query = query.where(delivery.c.venue_id == venue_id)
+    if since is not None:
+        query = query.where(delivery.c.created_at >= since)
+    if until is not None:
+        query = query.where(delivery.c.created_at < until)
+    if booking_id is not None:
+        query = query.where(delivery.c.booking_id == booking_id)
+    if delivery_ids is not None:
+        query = query.where(delivery.c.id.in_(list(delivery_ids) or [0]))
+    return query
+
+
 class Replays:
     """Requeue and cancel, each in its booking's lock, each audited with its change."""
 
@@ -82,6 +107,8 @@ class Replays:
         venue_id: str | None = None,
         created_since: datetime | None = None,
         created_until: datetime | None = None,
+        booking_id: str | None = None,
+        delivery_ids: Sequence[int] | None = None,
         batch_size: int = REQUEUE_BATCH_SIZE,
         audit: AuditEntry | None = None,
     ) -> int:
@@ -90,13 +117,14 @@ class Replays:
         row is written with the first batch and its count kept in step by each later one."""
         if status not in REQUEUEABLE_STATUSES:
             raise ValueError(f"cannot requeue {status} deliveries")
-        query = select(delivery.c.id, delivery.c.booking_id).where(delivery.c.status == status)
-        if venue_id is not None:
-            query = query.where(delivery.c.venue_id == venue_id)
-        if created_since is not None:
-            query = query.where(delivery.c.created_at >= created_since)
-        if created_until is not None:
-            query = query.where(delivery.c.created_at < created_until)
+        query = requeue_candidates(
+            status,
+            venue_id=venue_id,
+            since=created_since,
+            until=created_until,
+            booking_id=booking_id,
+            delivery_ids=delivery_ids,
+        )
         requeued = 0
         after_id = 0
         audit_id: int | None = None

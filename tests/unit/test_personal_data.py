@@ -60,6 +60,10 @@ REVIEWED_WITHOUT = {
     "mozrest_outbox.traceparent",
     "mozrest_delivery.traceparent",
     "mozrest_delivery.reason",
+    # A console session: the hash of its id, the token's name and role.
+    "mozrest_console_session.id_hash",
+    "mozrest_console_session.token_name",
+    "mozrest_console_session.role",
 }
 
 

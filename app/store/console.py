@@ -1,0 +1,305 @@
+"""The operator console's reads: failure groups, deliveries accepted per minute, deliveries
+filtered by creation time, and how many a bulk requeue would requeue (`app/console`).
+
+Each read is bounded: the groups scan the newest `GROUP_SCAN_LIMIT` dead and retrying
+deliveries (the page says so), the chart reads the last hour through the `updated_at` index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.db import translate_errors
+from app.models import attempt, booking, delivery
+from app.store.admin import REQUEUE_BATCH_SIZE, Record, deliveries_query
+from app.store.audit import Audit
+from app.store.replay import Replays, requeue_candidates
+from app.store.toolkit import Toolkit
+
+#: Dead and retrying deliveries the failure groups read at most, newest first.
+GROUP_SCAN_LIMIT = 10_000
+#: Characters of Mozrest's answer read for a group's cause, and shown of its first line.
+ANSWER_HEAD_CHARS = 300
+CAUSE_CHARS = 120
+#: Venues named per group (the count says how many there are).
+GROUP_VENUES_SHOWN = 10
+#: Deliveries per statement when reading their last answers.
+ANSWER_BATCH_SIZE = 500
+
+
+@dataclass(slots=True)
+class FailureGroup:
+    """Dead and retrying deliveries that failed for one cause."""
+
+    key: str
+    status_code: int | None
+    cause: str
+    count: int = 0
+    dead: int = 0
+    retrying: int = 0
+    venues: set[str] = field(default_factory=set)
+    first_seen: datetime | None = None
+    last_seen: datetime | None = None
+    newest_id: int = 0
+    dead_ids: list[int] = field(default_factory=list)
+
+    @property
+    def venues_shown(self) -> list[str]:
+        return sorted(self.venues)[:GROUP_VENUES_SHOWN]
+
+
+@dataclass(frozen=True, slots=True)
+class FailureGroups:
+    groups: list[FailureGroup]
+    scanned: int
+    capped: bool
+    scan_limit: int = GROUP_SCAN_LIMIT
+
+
+def first_line(body: str | None) -> str:
+    """What Mozrest said, in one line: a JSON answer's `message`, `detail` or `error` when it
+    has one, else the first non-blank line of the body."""
+    if not body:
+        return ""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        for name in ("message", "detail", "error"):
+            if isinstance(parsed.get(name), str) and parsed[name].strip():
+                body = parsed[name]
+                break
+    line = next((part.strip() for part in body.splitlines() if part.strip()), "")
+    return line[:CAUSE_CHARS]
+
+
+def cause_of(status_code: int | None, last_error: str | None, answer: str | None) -> str:
+    """A failure's cause: the status code and the answer's first line, or the error's class
+    (`timeout`, `ClientConnectorError`, ...)."""
+    if status_code is not None:
+        return f"{status_code} {first_line(answer)}".strip()
+    if not last_error:
+        return "no answer recorded"
+    return last_error.split(":", 1)[0].strip()[:CAUSE_CHARS] or "error"
+
+
+def group_key(cause: str) -> str:
+    """A short stable name for a cause, for links and forms."""
+    return hashlib.sha256(cause.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _minute(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return moment.astimezone(UTC).replace(second=0, microsecond=0)
+    return datetime.strptime(str(value)[:16], "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
+
+
+class ConsoleQueries:
+    """The console's reads (`Store.console`)."""
+
+    def __init__(self, tools: Toolkit, audit: Audit) -> None:
+        self.tools = tools
+        self.replays = Replays(tools, audit)
+
+    def _minute_of(self, column: Any) -> Any:
+        if self.tools.dialect == "postgresql":
+            return func.date_trunc("minute", column)
+        if self.tools.dialect == "mysql":
+            return func.date_format(column, "%Y-%m-%d %H:%i")
+        return func.strftime("%Y-%m-%d %H:%M", column)
+
+    @translate_errors
+    async def accepted_per_minute(self, *, minutes: int = 60) -> tuple[datetime, list[int]]:
+        """Deliveries accepted in each of the last `minutes` minutes (oldest first), and the
+        first minute's start, on the database's clock."""
+        async with self.tools.read() as conn:
+            now = await self.tools.now(conn)
+            start = now.replace(second=0, microsecond=0) - timedelta(minutes=minutes - 1)
+            bucket = self._minute_of(delivery.c.delivered_at).label("minute")
+            rows = await conn.execute(
+                select(bucket, func.count())
+                .where(
+                    delivery.c.status == "delivered",
+                    # `updated_at` is indexed and never older than `delivered_at`.
+                    delivery.c.updated_at >= start,
+                    delivery.c.delivered_at >= start,
+                )
+                .group_by(bucket)
+            )
+            counts = [0] * minutes
+            for minute, count in rows:
+                index = int((_minute(minute) - start).total_seconds() // 60)
+                if 0 <= index < minutes:
+                    counts[index] += int(count)
+        return start, counts
+
+    @translate_errors
+    async def failure_groups(self, *, scan_limit: int = GROUP_SCAN_LIMIT) -> FailureGroups:
+        """The newest `scan_limit` dead and retrying deliveries grouped by cause, largest
+        group first."""
+        async with self.tools.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(
+                        delivery.c.id,
+                        delivery.c.venue_id,
+                        delivery.c.status,
+                        delivery.c.last_status_code,
+                        delivery.c.last_error,
+                        delivery.c.updated_at,
+                    )
+                    .where(delivery.c.status.in_(("dead", "retrying")))
+                    .order_by(delivery.c.id.desc())
+                    .limit(scan_limit)
+                )
+            ).all()
+            answers = await self._last_answers(
+                conn, [r.id for r in rows if r.last_status_code is not None]
+            )
+        groups: dict[str, FailureGroup] = {}
+        for row in rows:
+            cause = cause_of(row.last_status_code, row.last_error, answers.get(row.id))
+            key = group_key(cause)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = FailureGroup(
+                    key=key, status_code=row.last_status_code, cause=cause
+                )
+            _add(group, row)
+        ordered = sorted(groups.values(), key=lambda g: (-g.count, -g.newest_id))
+        return FailureGroups(
+            groups=ordered, scanned=len(rows), capped=len(rows) >= scan_limit, scan_limit=scan_limit
+        )
+
+    async def _last_answers(self, conn: AsyncConnection, ids: list[int]) -> dict[int, str]:
+        """The head of each delivery's last answer body."""
+        answers: dict[int, str] = {}
+        for start in range(0, len(ids), ANSWER_BATCH_SIZE):
+            batch = ids[start : start + ANSWER_BATCH_SIZE]
+            newest = (
+                select(func.max(attempt.c.id))
+                .where(attempt.c.delivery_id.in_(batch))
+                .group_by(attempt.c.delivery_id)
+            )
+            result = await conn.execute(
+                select(
+                    attempt.c.delivery_id,
+                    func.substr(attempt.c.response_body, 1, ANSWER_HEAD_CHARS),
+                ).where(attempt.c.id.in_(newest))
+            )
+            answers.update({int(i): body for i, body in result if body is not None})
+        return answers
+
+    @translate_errors
+    async def list_deliveries(
+        self,
+        *,
+        status: str | None = None,
+        venue_id: str | None = None,
+        booking_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        before_id: int | None = None,
+        limit: int,
+    ) -> list[Record]:
+        """Up to `limit` deliveries below `before_id`, newest first, created in [since, until)."""
+        query = deliveries_query()
+        for column, value in (
+            (delivery.c.status, status),
+            (delivery.c.venue_id, venue_id),
+            (delivery.c.booking_id, booking_id),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(delivery.c.created_at >= since)
+        if until is not None:
+            query = query.where(delivery.c.created_at < until)
+        if before_id is not None:
+            query = query.where(delivery.c.id < before_id)
+        async with self.tools.read() as conn:
+            rows = await conn.execute(query.order_by(delivery.c.id.desc()).limit(limit))
+            return [dict(row._mapping) for row in rows]
+
+    @translate_errors
+    async def count_requeueable(
+        self,
+        *,
+        status: str,
+        venue_id: str | None = None,
+        booking_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        delivery_ids: Sequence[int] | None = None,
+    ) -> int:
+        """How many deliveries `Store.requeue_deliveries` with the same filter would requeue
+        now: the same candidates, less the same refusals (newest wins), read without locks."""
+        query = requeue_candidates(
+            status,
+            venue_id=venue_id,
+            since=since,
+            until=until,
+            booking_id=booking_id,
+            delivery_ids=delivery_ids,
+        )
+        total, after_id = 0, 0
+        async with self.tools.read() as conn:
+            while True:
+                rows = (
+                    await conn.execute(
+                        select(
+                            delivery.c.id,
+                            delivery.c.booking_id,
+                            delivery.c.outbox_id,
+                            delivery.c.status,
+                        )
+                        .where(delivery.c.id.in_(query.with_only_columns(delivery.c.id)))
+                        .where(delivery.c.id > after_id)
+                        .order_by(delivery.c.id)
+                        .limit(REQUEUE_BATCH_SIZE)
+                    )
+                ).all()
+                if not rows:
+                    return total
+                after_id = rows[-1].id
+                bookings = {
+                    b.booking_id: b
+                    for b in await conn.execute(
+                        select(
+                            booking.c.booking_id,
+                            booking.c.accepted_outbox_id,
+                            booking.c.sent_outbox_id,
+                            booking.c.last_outbox_id,
+                        ).where(booking.c.booking_id.in_(sorted({r.booking_id for r in rows})))
+                    )
+                }
+                refusals = await self.replays._requeue_refusals(conn, rows, bookings)
+                total += len(rows) - len(refusals)
+                if len(rows) < REQUEUE_BATCH_SIZE:
+                    return total
+
+
+def _add(group: FailureGroup, row: Any) -> None:
+    group.count += 1
+    group.venues.add(row.venue_id)
+    group.newest_id = max(group.newest_id, row.id)
+    if row.status == "dead":
+        group.dead += 1
+        group.dead_ids.append(row.id)
+    else:
+        group.retrying += 1
+    seen = row.updated_at
+    if group.first_seen is None or seen < group.first_seen:
+        group.first_seen = seen
+    if group.last_seen is None or seen > group.last_seen:
+        group.last_seen = seen

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
@@ -17,6 +18,7 @@ from app.console.sessions import ConsoleSession, SessionDep, refuse_write
 from app.console.views import SECURITY_HEADERS, message, query
 from app.deps import AppContext, ContextDep
 from app.logs import get_logger, log_event
+from app.settings import parse_duration
 from app.store import ConflictError, NotFoundError
 from app.text import storable
 
@@ -232,6 +234,39 @@ async def resume_venue(
         return _refused(request, exc)
     log_event(log, logging.INFO, "venue.resume", actor=session.name, venue_id=venue_id)
     return _venue_page(venue_id, "resumed")
+
+
+@router.post("/console/venues/resync")
+async def resync_venue(
+    request: Request,
+    context: ContextDep,
+    session: SessionDep,
+    venue_id: VenueField,
+    since: Annotated[str, Form(max_length=20)] = "24h",
+    csrf: Csrf = "",
+) -> Response:
+    refusal, audit = await _guard(request, context, session, csrf, "venue.resync", venue_id)
+    if refusal is not None:
+        return refusal
+    try:
+        window = parse_duration(since)
+    except ValueError:
+        return message(request, 422, "Not resent", "Give a duration such as 30m, 24h or 7d.")
+    try:
+        queued = await context.store.resync_venue(
+            venue_id, since=datetime.now(UTC) - timedelta(seconds=window), audit=audit
+        )
+    except (NotFoundError, ConflictError) as exc:
+        return _refused(request, exc)
+    log_event(log, logging.INFO, "venue.resync", actor=session.name, venue_id=venue_id)
+    return message(
+        request,
+        200,
+        "Resent",
+        f"The newest state of {queued} bookings of venue {venue_id} is queued again.",
+        link=f"/console/venues?{query({'venue_id': venue_id})}",
+        link_text="Back to the venues",
+    )
 
 
 @router.post("/console/venues/items")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, get_args
 
 from fastapi import APIRouter, HTTPException, Request
@@ -20,6 +20,7 @@ from app.routes import WORKER_SEEN_HEARTBEATS, encode_cursor, match_tables
 from app.routes_access import AuditAction
 from app.routes_venues import encode_venue_cursor
 from app.schemas import PosTables
+from app.settings import parse_duration
 from app.store import NotFoundError
 
 #: Notices a page shows after a button sent the browser back to it (`?done=`).
@@ -284,6 +285,21 @@ async def confirm_erase(request: Request, context: ContextDep, session: SessionD
     if not booking_id:
         return message(request, 422, "Which booking?", "Open the booking's page first.")
     return render(request, "confirm_erase.html", booking_id=booking_id)
+
+
+@router.get("/console/venues/resync")
+async def confirm_resync(request: Request, context: ContextDep, session: SessionDep) -> Response:
+    venue_id = request.query_params.get("venue_id", "")
+    since_text = request.query_params.get("since", "24h")
+    if not venue_id:
+        return message(request, 422, "Which venue?", "Open the venues page first.")
+    try:
+        seconds = parse_duration(since_text)
+    except ValueError:
+        return message(request, 422, "Since when?", "Give a duration such as 30m, 24h or 7d.")
+    since = datetime.now(UTC) - timedelta(seconds=seconds)
+    count = await context.store.count_resync(venue_id, since=since)
+    return render(request, "confirm_resync.html", venue_id=venue_id, since=since_text, count=count)
 
 
 @router.get("/console/outbox")

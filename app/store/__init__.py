@@ -128,6 +128,7 @@ class Store:
         self.update_venue = venues.update_settings
         self.count_paused_venues = venues.count_paused
         self.resync_venue = resync.resync_venue
+        self.count_resync = resync.count_resync
         self.erase_booking = privacy.erase_booking
         # The operator console's own reads and sessions (`store/console.py`, `store/sessions.py`).
         self.console = ConsoleQueries(self.tools, self.audit)

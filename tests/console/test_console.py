@@ -304,3 +304,28 @@ async def test_the_delivery_page_shows_the_diff_against_what_mozrest_held(api: A
     assert row is not None and "<code>2</code>" in row.group(0) and "<code>6</code>" in row.group(0)
     assert '<tr class="same"><th scope="row" data-label="Field">status' in page
     assert "&lt;b&gt;party too large&lt;/b&gt;" in page and "12 ms" in page
+
+
+async def test_resync_confirms_how_many_bookings_it_will_resend_then_queues_them(
+    api: Api,
+) -> None:
+    """The venue page's `Resync…` opens a confirmation saying how many bookings it will
+    resend; confirming queues exactly those, audited as venue.resync."""
+    await api.write(*(factories.state(f"rs-{i}", venue_id="vr") for i in range(3)))
+    await api.answer(200)
+    async with signed_in(api, OPERATOR) as client:
+        venues = (await client.get("/console/venues")).text
+        assert "Resync…" in venues
+        confirm = await client.get("/console/venues/resync?venue_id=vr")
+        assert "<strong>3</strong> bookings" in confirm.text
+        done = await client.post(
+            "/console/venues/resync",
+            data={"csrf": csrf_of(confirm.text), "venue_id": "vr", "since": "24h"},
+        )
+        assert "The newest state of 3 bookings of venue vr is queued again." in done.text
+    assert sorted(d["reason"] for d in await api.deliveries(venue_id="vr")) == [
+        *["change"] * 3,
+        *["resync"] * 3,
+    ]
+    [row] = await api.store.audit.list(limit=1)
+    assert (row["action"], row["target"], row["result"]) == ("venue.resync", "vr", "ok")

@@ -21,3 +21,16 @@ fi
 "$BIN/kubernetes-validate" --strict --quiet deploy/kubernetes.yaml
 echo "deploy/kubernetes.yaml: kubernetes-validate ok"
 "$BIN/check-jsonschema" --schemafile deploy/schemas/prometheus-rules.schema.json deploy/prometheus-rules.yaml
+
+# promtool (Debian's prometheus package) checks the rules' PromQL, which a schema cannot, and
+# runs their unit tests; CI installs it, and REQUIRE_PROMTOOL=1 makes its absence a failure.
+if command -v promtool >/dev/null 2>&1; then
+    promtool check rules deploy/prometheus-rules.yaml
+    promtool test rules deploy/prometheus-rules.test.yaml
+    echo "deploy/prometheus-rules.yaml: promtool check and test ok"
+elif [ "${REQUIRE_PROMTOOL:-0}" = 1 ]; then
+    echo "deploy/prometheus-rules.yaml: REQUIRE_PROMTOOL=1 but promtool is not installed" >&2
+    exit 1
+else
+    echo "deploy/prometheus-rules.yaml: no promtool here, PromQL not checked"
+fi

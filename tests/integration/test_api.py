@@ -8,7 +8,11 @@ Mozrest's answers; a few states are set with SQL where only time could produce t
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import shutil
+import subprocess
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -848,3 +852,25 @@ async def test_unknown_query_parameters_answer_422_naming_them(api: Api) -> None
         assert unknown in errors[0]["msg"]
     known = await api.client.get("/api/deliveries", params={"status": "pending", "limit": 5})
     assert known.status_code == 200
+
+
+async def test_the_metrics_page_passes_promtools_lint(api: Api) -> None:
+    """`promtool check metrics` (Prometheus's own linter) finds nothing to say about a live
+    `/metrics` page: names, units, help texts and types as Prometheus expects them."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("REQUIRE_PROMTOOL") == "1":
+            pytest.fail("REQUIRE_PROMTOOL=1 but promtool is not installed")
+        pytest.skip("promtool is not installed (Debian's prometheus package)")
+    await api.write(state("b1"))
+    await api.answer(200)
+    page = (await api.client.get("/metrics")).text
+    lint = await asyncio.to_thread(
+        subprocess.run,
+        [promtool, "check", "metrics"],
+        input=page,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert lint.returncode == 0, lint.stdout + lint.stderr

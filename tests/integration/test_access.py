@@ -18,6 +18,7 @@ from app.policy import Verdict
 from app.store import AttemptResult
 from tests import factories
 from tests.integration.conftest import ADMIN_TOKEN, Api, running_api
+from tests.integration.test_api import api_requests
 
 VIEWER, OPERATOR = "viewer-token-1", "operator-token-1"
 TOKENS = ",".join(
@@ -282,3 +283,66 @@ async def test_a_wrong_token_is_refused_on_the_new_routes(api: Api) -> None:
     ) as anonymous:
         assert (await anonymous.get("/api/audit", headers=as_("wrong"))).status_code == 401
         assert (await anonymous.post("/api/bookings/b1/erase")).status_code == 401
+
+
+#: What each role gets from each `/api/` route: reads for everyone with a valid token, writes
+#: for operators only (their codes on an empty database: no such delivery, booking or venue).
+#: A new route without a row here fails `test_every_route_answers_each_role_as_the_table_says`.
+ROUTE_CODES: dict[tuple[str, str], tuple[int, int]] = {
+    # (method, path): (viewer, operator)
+    ("GET", "/api/deliveries"): (200, 200),
+    ("POST", "/api/deliveries/retry"): (403, 200),
+    ("GET", "/api/deliveries/1"): (404, 404),
+    ("POST", "/api/deliveries/1/retry"): (403, 404),
+    ("POST", "/api/deliveries/1/cancel"): (403, 404),
+    ("GET", "/api/bookings/b1"): (404, 404),
+    ("POST", "/api/bookings/b1/erase"): (403, 404),
+    ("GET", "/api/outbox"): (200, 200),
+    ("GET", "/api/stats"): (200, 200),
+    ("GET", "/api/workers"): (200, 200),
+    ("GET", "/api/audit"): (200, 200),
+    ("GET", "/api/venues"): (200, 200),
+    ("GET", "/api/venues/v1"): (404, 404),
+    ("POST", "/api/venues/v1/pause"): (403, 200),
+    ("POST", "/api/venues/v1/resume"): (403, 200),
+    ("PATCH", "/api/venues/v1"): (403, 422),
+    ("POST", "/api/venues/v1/resync"): (403, 200),
+    ("GET", "/api/venues/v1/pos-tables"): (502, 502),
+    ("GET", "/api/venues/v1/table-matching"): (502, 502),
+}
+
+
+async def test_every_route_answers_each_role_as_the_table_says(database_url: str) -> None:
+    """Every `/api/` route, called with a viewer's, an operator's, a wrong and no token: 401
+    without a valid one, and each role's code as `ROUTE_CODES` says (a viewer's write is a
+    403). A route the table does not know fails the test."""
+    async with running_api(
+        database_url,
+        relay_api_tokens=TOKENS,
+        mozrest_api_url="http://127.0.0.1:9",
+    ) as api:
+        routes = {
+            (method, path)
+            for method, path in api_requests(api.app)
+            if path != "/api/no-such-route" and (method, path) != ("DELETE", "/api/deliveries/1")
+        }
+        assert routes == set(ROUTE_CODES), "a route has no row in ROUTE_CODES (or one is gone)"
+        transport = httpx.ASGITransport(app=api.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://relay") as bare:
+            await _check_codes(bare)
+
+
+async def _check_codes(client: httpx.AsyncClient) -> None:
+    for (method, path), (viewer_code, operator_code) in sorted(ROUTE_CODES.items()):
+        body = {"status": "dead"} if path == "/api/deliveries/retry" else None
+        for headers, expected in (
+            ({}, 401),
+            ({"Authorization": "Bearer wrong"}, 401),
+            ({"Authorization": f"Bearer {VIEWER}"}, viewer_code),
+            ({"Authorization": f"Bearer {OPERATOR}"}, operator_code),
+        ):
+            answer = await client.request(
+                method, path, headers=headers, json=body if method != "GET" else None
+            )
+            shown = headers.get("Authorization", "no token")
+            assert answer.status_code == expected, (method, path, shown, answer.text)

@@ -346,3 +346,27 @@ async def _check_codes(client: httpx.AsyncClient) -> None:
             )
             shown = headers.get("Authorization", "no token")
             assert answer.status_code == expected, (method, path, shown, answer.text)
+
+
+async def test_a_change_and_its_audit_row_commit_or_roll_back_together(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure after the change, while its `ok` audit row is written, rolls the change back
+    too: the dead delivery stays dead and no audit row is left."""
+    from app.store import audit as audit_module
+    from app.store.audit import AuditEntry
+
+    await api.write(factories.state("rb-1"))
+    await api.answer(400)
+    (dead,) = await api.deliveries(status="dead")
+
+    async def failing(*args: Any, **kwargs: Any) -> int:
+        raise RuntimeError("the audit write failed")
+
+    monkeypatch.setattr(audit_module, "record_entry", failing)
+    entry = AuditEntry(actor="otto", action="delivery.retry", target=str(dead["id"]))
+    with pytest.raises(RuntimeError):
+        await api.store.requeue_delivery(dead["id"], audit=entry)
+    monkeypatch.undo()
+    assert [d["status"] for d in await api.deliveries(booking_id="rb-1")] == ["dead"]
+    assert await api.store.audit.list(limit=10) == []

@@ -145,8 +145,20 @@ async def resync_venue(
     venue_id: VenueId, context: ContextDep, caller: CallerDep, body: ResyncRequest | None = None
 ) -> ResyncResult:
     since = body.since if body is not None and body.since is not None else None
+    now = datetime.now(UTC)
     if since is None:
-        since = datetime.now(UTC) - DEFAULT_RESYNC_WINDOW
+        since = now - DEFAULT_RESYNC_WINDOW
+    elif (since if since.tzinfo else since.replace(tzinfo=UTC)) > now:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("body", "since"),
+                    "msg": "Value error, since is in the future: nothing was written after it yet",
+                    "input": since.isoformat(),
+                }
+            ]
+        )
     queued = await context.store.resync_venue(
         venue_id, since=since, audit=caller.audit("venue.resync", venue_id)
     )

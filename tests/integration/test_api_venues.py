@@ -93,5 +93,10 @@ async def test_resync_answers_how_many_it_queued_and_is_audited(api: Api) -> Non
     audit = (await api.client.get("/api/audit", params={"action": "venue.resync"})).json()
     assert [(row["target"], row["result"]) for row in audit["items"]] == [("v-a", "ok")]
     assert (await api.client.post("/api/venues/never/resync")).status_code == 404
-    since = await api.client.post("/api/venues/v-a/resync", json={"since": "2999-01-01T00:00:00Z"})
-    assert since.json() == {"queued": 0}
+    future = await api.client.post("/api/venues/v-a/resync", json={"since": "2999-01-01T00:00:00Z"})
+    assert future.status_code == 422 and "future" in future.text
+    for bad in ({"since": "yesterday"}, {"since": 12.5e20}, {"until": "x"}):
+        assert (await api.client.post("/api/venues/v-a/resync", json=bad)).status_code == 422
+    await api.write(state("held-1", venue_id="v-none", status="confirmed"))
+    nothing = await api.client.post("/api/venues/v-none/resync")
+    assert nothing.status_code == 200 and nothing.json() == {"queued": 0}

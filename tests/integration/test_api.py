@@ -55,6 +55,7 @@ DELIVERY_FIELDS = {
     "last_status_code",
     "last_error",
     "venue_paused",
+    "reason",
 }
 UTC_ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00$")
 
@@ -84,7 +85,7 @@ def api_requests(app: FastAPI) -> list[tuple[str, str]]:
 async def test_every_api_route_needs_the_admin_token(api: Api) -> None:
     """Every /api route, known or not, answers 401 without the token or with a wrong one."""
     requests = api_requests(api.app)
-    assert len(requests) == 20
+    assert len(requests) == 21
     wrong = [
         {},
         {"Authorization": "Bearer nope"},

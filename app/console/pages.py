@@ -125,7 +125,7 @@ async def deliveries(request: Request, context: ContextDep, session: SessionDep)
     rows: list[dict[str, Any]] = []
     next_cursor = None
     if not wanted.errors:
-        rows = await context.store.console.list_deliveries(
+        rows = await context.store.list_deliveries(
             status=wanted.status,
             venue_id=wanted.venue_id,
             booking_id=wanted.booking_id,

@@ -228,17 +228,25 @@ class AdminQueries:
         status: str | None = None,
         venue_id: str | None = None,
         booking_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
         before_id: int | None = None,
         limit: int,
     ) -> list[Record]:
-        """Up to `limit` deliveries below `before_id`, newest first."""
+        """Up to `limit` deliveries below `before_id`, newest first, created in [since, until)
+        when those are given."""
         query = deliveries_query()
-        if status is not None:
-            query = query.where(delivery.c.status == status)
-        if venue_id is not None:
-            query = query.where(delivery.c.venue_id == venue_id)
-        if booking_id is not None:
-            query = query.where(delivery.c.booking_id == booking_id)
+        for column, value in (
+            (delivery.c.status, status),
+            (delivery.c.venue_id, venue_id),
+            (delivery.c.booking_id, booking_id),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(delivery.c.created_at >= since)
+        if until is not None:
+            query = query.where(delivery.c.created_at < until)
         if before_id is not None:
             query = query.where(delivery.c.id < before_id)
         async with self.tools.read() as conn:

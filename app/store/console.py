@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db import translate_errors
 from app.models import attempt, booking, delivery
-from app.store.admin import REQUEUE_BATCH_SIZE, Record, deliveries_query
+from app.store.admin import REQUEUE_BATCH_SIZE
 from app.store.audit import Audit
 from app.store.replay import Replays, requeue_candidates
 from app.store.toolkit import Toolkit
@@ -199,37 +199,6 @@ class ConsoleQueries:
             )
             answers.update({int(i): body for i, body in result if body is not None})
         return answers
-
-    @translate_errors
-    async def list_deliveries(
-        self,
-        *,
-        status: str | None = None,
-        venue_id: str | None = None,
-        booking_id: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        before_id: int | None = None,
-        limit: int,
-    ) -> list[Record]:
-        """Up to `limit` deliveries below `before_id`, newest first, created in [since, until)."""
-        query = deliveries_query()
-        for column, value in (
-            (delivery.c.status, status),
-            (delivery.c.venue_id, venue_id),
-            (delivery.c.booking_id, booking_id),
-        ):
-            if value is not None:
-                query = query.where(column == value)
-        if since is not None:
-            query = query.where(delivery.c.created_at >= since)
-        if until is not None:
-            query = query.where(delivery.c.created_at < until)
-        if before_id is not None:
-            query = query.where(delivery.c.id < before_id)
-        async with self.tools.read() as conn:
-            rows = await conn.execute(query.order_by(delivery.c.id.desc()).limit(limit))
-            return [dict(row._mapping) for row in rows]
 
     @translate_errors
     async def count_requeueable(

@@ -28,7 +28,6 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
-from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -102,10 +101,19 @@ class Console:
         return str(self.driver.find_element(By.TAG_NAME, "body").text)
 
     def _navigate(self, element: Any) -> None:
-        """Click, then wait for the next page to replace this one."""
-        page = self.driver.find_element(By.TAG_NAME, "html")
+        """Click, then wait for the next page to replace this one.
+
+        The old page is marked with a script variable, and the wait is for a document without it
+        that has finished loading. Waiting for the old `<html>` element to go stale instead trips
+        over Chromium's "Node with given id does not belong to the document" while it swaps them.
+        """
+        self.driver.execute_script("window.__leaving = true;")
         element.click()
-        WebDriverWait(self.driver, 10).until(expected_conditions.staleness_of(page))
+        WebDriverWait(self.driver, 10, ignored_exceptions=(WebDriverException,)).until(
+            lambda driver: driver.execute_script(
+                "return window.__leaving !== true && document.readyState === 'complete';"
+            )
+        )
 
     def click_link(self, text: str) -> None:
         self._navigate(self.driver.find_element(By.LINK_TEXT, text))

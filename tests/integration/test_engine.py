@@ -236,17 +236,24 @@ async def test_a_state_equal_to_the_accepted_one_is_unchanged_and_not_sent(relay
     assert deliveries[-1].changed_fields == ["tables"]
 
 
+#: A request kept on the wire long enough for the test to ingest two more states behind it, even
+#: on a loaded machine (at 500 ms, a busy CI machine sometimes landed it first); the timeout and
+#: lease are raised to match so the slow request is not itself a failure.
+SLOW_WIRE_MS = 2500
+SLOW_WIRE: dict[str, float] = {"relay_http_timeout": 6.0, "relay_lease_seconds": 10.0}
+
+
 async def test_returning_to_the_accepted_state_sends_nothing_and_supersedes_the_queued_one(
     relay: Relay,
 ) -> None:
     """A accepted, B queued, A again: nothing more is sent and B is superseded; the same holds
     against a state still on the wire."""
     a, b = state("bk-aba", partySize=2), state("bk-aba", partySize=6)
-    await relay.start(relay_concurrency=1)
+    await relay.start(relay_concurrency=1, **SLOW_WIRE)
     await relay.insert(a)
     await relay.wait_landed(a)
     # B waits unsent because the only request slot is busy with a slow request.
-    await relay.set_faults(latency_ms=800)
+    await relay.set_faults(latency_ms=SLOW_WIRE_MS)
     busy = state("bk-busy")
     (busy_id,) = await relay.insert(busy)
     await eventually(lambda: _leased(relay, busy_id), timeout=3)
@@ -622,8 +629,8 @@ async def test_send_items_false_strips_items_from_every_payload(relay: Relay) ->
 async def test_newest_state_wins_while_one_is_on_the_wire(relay: Relay) -> None:
     """A on the wire, then B and C arrive: exactly A then C land, B is superseded, and the two
     requests never overlap."""
-    await relay.set_faults(latency_ms=500)
-    await relay.start()
+    await relay.set_faults(latency_ms=SLOW_WIRE_MS)
+    await relay.start(**SLOW_WIRE)
     a, b, c = (state("bk-wire", partySize=n) for n in (2, 3, 4))
     (a_id,) = await relay.insert(a)
     await eventually(lambda: _leased(relay, a_id), timeout=3)

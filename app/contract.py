@@ -16,6 +16,22 @@ from app.text import shown
 
 State = dict[str, Any]
 
+
+class WireState(dict[str, Any]):
+    """A state parsed from an outbox row, with its wire body serialised once at parsing.
+
+    The body is what `serialize` returns and what the database stores for the delivery
+    (`json_text`), so a state read, checked, stored and sent is encoded once. Treat it as
+    read-only: the body is not recomputed if the dict is changed.
+    """
+
+    __slots__ = ("wire",)
+
+    def __init__(self, state: State, wire: bytes) -> None:
+        super().__init__(state)
+        self.wire = wire
+
+
 #: Top-level fields in Mozrest's documented order; serialisation keeps this order.
 FIELDS = (
     "bookingId",
@@ -246,9 +262,10 @@ def parse_row(
         raise ContractError("venueId", "does not match the row's venue_id column")
     if not send_items:
         state.pop("items", None)
-    if len(serialize(state)) > max_payload_bytes:
+    wire = serialize(state)
+    if len(wire) > max_payload_bytes:
         raise ContractError("payload", f"is larger than the {max_payload_bytes}-byte limit")
-    return state
+    return WireState(state, wire)
 
 
 def serialize(state: State) -> bytes:
@@ -257,9 +274,19 @@ def serialize(state: State) -> bytes:
     The order is imposed here, not trusted from the dict: a state read back from PostgreSQL's
     `jsonb` comes with its keys reordered.
     """
+    if type(state) is WireState:
+        return state.wire
     return json.dumps(
         _documented_order(state), ensure_ascii=False, separators=(",", ":"), allow_nan=False
     ).encode()
+
+
+def json_text(value: Any) -> str:
+    """JSON text of a column value (the engine's `json_serializer`): a parsed state's wire
+    body as it is, anything else as SQLAlchemy would encode it."""
+    if type(value) is WireState:
+        return value.wire.decode()
+    return json.dumps(value)
 
 
 def _documented_order(state: State) -> State:

@@ -19,6 +19,8 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator
 
+from app.contract import json_text
+
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -155,6 +157,7 @@ def create_engine(
         engine = create_async_engine(
             database_url,
             echo=echo,
+            json_serializer=json_text,
             connect_args={"timeout": limit_ms / 1000},
             # Each connection is a file handle; pooling them gains little and NullPool keeps
             # a process from holding the write lock between transactions.
@@ -166,6 +169,8 @@ def create_engine(
     # statement, SQLAlchemy then recycles the whole pool, and the store's caller retries.
     kwargs: dict[str, Any] = {
         "echo": echo,
+        # A parsed state's JSON is its wire body, encoded once (`contract.WireState`).
+        "json_serializer": json_text,
         "pool_size": pool_size,
         "max_overflow": pool_size,
         "pool_recycle": 1800,

@@ -33,7 +33,7 @@ from app.deps import (
     schema_check,
 )
 from app.logs import configure_logging, get_logger, log_event
-from app.publisher import PartnerApi
+from app.partner_api import PartnerApi
 from app.routes import router
 from app.routes_access import access_router
 from app.routes_venues import router as venues_router

@@ -252,7 +252,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 def cmd_pos_tables(args: argparse.Namespace) -> int:
     """Print a venue's POS tables from Mozrest's Partner API."""
-    from app.publisher import PartnerApi, PartnerApiError
+    from app.partner_api import PartnerApi, PartnerApiError
     from app.secret_files import SecretSource
 
     settings = _settings()

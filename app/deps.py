@@ -17,7 +17,7 @@ from fastapi.routing import APIRoute
 from app.access import READ_METHODS, Principal, identify
 from app.logs import get_logger, log_event
 from app.migrate import schema_problem
-from app.publisher import PartnerApi
+from app.partner_api import PartnerApi
 from app.settings import Settings
 from app.store import AuditEntry, Store, StoreError
 from app.worker import Worker

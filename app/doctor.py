@@ -244,7 +244,7 @@ class Doctor:
                 "deliver)",
             )
             return
-        from app.publisher import PartnerApi, PartnerApiError
+        from app.partner_api import PartnerApi, PartnerApiError
 
         api = PartnerApi(
             base_url=self.settings.api_url,

@@ -21,7 +21,7 @@ from pydantic import AfterValidator
 
 from app.deps import AppContext, CallerDep, ContextDep, audit_as
 from app.logs import get_logger, log_event
-from app.publisher import PartnerApiError
+from app.partner_api import PartnerApiError
 from app.schemas import (
     Attempt,
     Booking,

@@ -197,3 +197,16 @@ class SecretSource:
     def __repr__(self) -> str:  # never the value
         source = f"file {self.path}" if self.path else "a plain value"
         return f"SecretSource({self.variable} from {source})"
+
+
+def as_secret_source(secret: str | SecretSource | None, *, variable: str) -> SecretSource:
+    """A secret as a `SecretSource`: a plain value (or none) becomes one that never changes."""
+    if isinstance(secret, SecretSource):
+        return secret
+    return SecretSource(value=secret, variable=variable)
+
+
+def bearer(source: SecretSource) -> dict[str, str]:
+    """The `Authorization` header for the secret's current value (none when it is unset)."""
+    value = source.current()
+    return {"Authorization": f"Bearer {value}"} if value else {}

@@ -15,7 +15,7 @@ from app.console.sessions import SessionDep
 from app.console.views import STATIC, field_changes, message, render
 from app.deps import AppContext, ContextDep
 from app.models import OUTCOMES, STATUSES
-from app.publisher import PartnerApiError
+from app.partner_api import PartnerApiError
 from app.routes import WORKER_SEEN_HEARTBEATS, encode_cursor, match_tables
 from app.routes_access import AuditAction
 from app.routes_venues import encode_venue_cursor

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from app.db import create_engine
-from app.publisher import PartnerApi, PartnerApiError, Transport, make_publisher
+from app.partner_api import PartnerApi, PartnerApiError
+from app.publisher import Transport, make_publisher
 from app.secret_files import SecretSource
 from mozrest_outbox import outbox_insert
 from tests import factories

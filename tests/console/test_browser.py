@@ -11,7 +11,7 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ def _start_browser() -> WebDriver:
     return webdriver.Chrome(options=options, service=service)
 
 
-def open_browser() -> Iterator[WebDriver]:
+def open_browser() -> Generator[WebDriver, None, None]:
     """One headless chromium, quit afterwards: fails in CI when none can start, else skips."""
     try:
         driver = _start_browser()

@@ -26,6 +26,8 @@ ACTIVE_STATUSES = ("pending", "retrying")
 
 #: The SQL of `ACTIVE_STATUSES`, as the partial indexes and the claim query spell it.
 ACTIVE_PREDICATE = "status IN ('pending', 'retrying')"
+#: Deliveries that failed: dead, or waiting to be tried again.
+FAILING_PREDICATE = "status IN ('dead', 'retrying')"
 
 outbox = Table(
     "mozrest_outbox",
@@ -135,6 +137,16 @@ delivery = Table(
     Index("ix_mozrest_delivery_venue_id_status", "venue_id", "status", "id"),
     # Payload retention walks deliveries in the order they last changed (`store.privacy`).
     Index("ix_mozrest_delivery_updated_at", "updated_at", "id"),
+    # The console's failure groups: the newest dead and retrying deliveries in id order, with
+    # what they are grouped by, read from the index alone on PostgreSQL (`store/console.py`).
+    # MySQL has no partial indexes: there, `ix_mozrest_delivery_status` serves.
+    Index(
+        "ix_mozrest_delivery_failing",
+        "id",
+        postgresql_where=text(FAILING_PREDICATE),
+        sqlite_where=text(FAILING_PREDICATE),
+        postgresql_include=["venue_id", "status", "last_status_code", "last_error", "updated_at"],
+    ).ddl_if(dialect=("postgresql", "sqlite")),  # type: ignore[arg-type] # a tuple is allowed
     sqlite_autoincrement=True,
     **MYSQL_TABLE_OPTIONS,
 )

@@ -10,6 +10,11 @@ superseded, a little dead, retrying, pending and cancelled), 500 venues of very 
 `mozrest-relay api` serves it and one client asks each endpoint `--samples` times in a row (closed
 loop, random filter values per request); p50 and p99 of the wall time per request, client side.
 Target (issue 6): p99 <= 20 ms for a filtered page.
+
+Then the operator console's pages over the same rows (`bench/console_pages.py`, which adds the
+venues, bookings, attempts and audit rows the console reads): p50 and p99 per page, each page
+flagged when its p99 is 300 ms or more. `--console-samples` requests per page (default 100);
+`--no-console` skips them.
 """
 
 from __future__ import annotations
@@ -39,6 +44,13 @@ from bench.common import (
     pg_database,
     pg_url,
     spawn,
+)
+from bench.console_pages import (
+    console_target,
+    console_values,
+    load_console_world,
+    measure_console,
+    print_console,
 )
 from bench.profile_summary import summarise
 from bench.scenarios import _start_profiler, _stop_profiler
@@ -243,13 +255,20 @@ async def measure(
 
 
 async def run(
-    rows: int, samples: int, workdir: Path, profile: Path | None = None
+    rows: int,
+    samples: int,
+    workdir: Path,
+    profile: Path | None = None,
+    console_samples: int = 100,
 ) -> dict[str, Any]:
     async with pg_database("api") as database:
         url = pg_url(database)
         await migrate(url, workdir=workdir)
         loaded = await load(database, rows)
         log(f"loaded {rows:,} deliveries and {rows:,} outbox rows in {loaded['load_seconds']}s")
+        if console_samples:
+            loaded.update(await load_console_world(database))
+            log(f"loaded the console's venues, bookings, attempts, audit in {loaded}")
         values = await sample_values(database)
         port = free_port()
         env = {
@@ -278,6 +297,12 @@ async def run(
                 profiler = _start_profiler(proc.pid, profile, seconds=600)
             try:
                 results = await measure(base, samples, values, random.Random(7))
+                pages: dict[str, Any] = {}
+                if console_samples:
+                    values.update(await console_values(database))
+                    pages = await measure_console(
+                        base, TOKEN, console_samples, values, random.Random(11)
+                    )
             finally:
                 if profiler is not None:
                     _stop_profiler(profiler)
@@ -305,6 +330,7 @@ async def run(
             "extra_cases_meeting_it": {k: v["p99_ms"] <= TARGET_P99_MS for k, v in extra.items()},
         },
         "plans": plans,
+        **({"console_pages": pages, "console_target": console_target(pages)} if pages else {}),
     }
 
 
@@ -314,11 +340,21 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--output", type=Path, default=RESULTS / "api.json")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
+    parser.add_argument("--console-samples", type=int, default=100)
+    parser.add_argument("--no-console", dest="console_samples", action="store_const", const=0)
     args = parser.parse_args()
     workdir = Workdir()
     profile = workdir.path / "api-profile.txt" if args.profile else None
     try:
-        report = asyncio.run(run(args.rows, min(args.samples, 5000), workdir.path, profile))
+        report = asyncio.run(
+            run(
+                args.rows,
+                min(args.samples, 5000),
+                workdir.path,
+                profile,
+                console_samples=min(args.console_samples, 5000),
+            )
+        )
         if profile is not None and profile.exists():
             report["profile"] = summarise(profile, top=20)
     finally:
@@ -338,6 +374,7 @@ def main() -> int:
     )
     for name, ok in t["extra_cases_meeting_it"].items():
         print(f"  beyond the issue's list: {name}: {'within' if ok else 'over'} 20 ms at p99")
+    print_console(report)
     if report.get("profile"):
         print("where the API process spends its time (py-spy, inclusive % of samples):")
         for name, share in list(report["profile"]["components"].items())[:8]:

@@ -22,6 +22,7 @@ from app.routes_venues import encode_venue_cursor
 from app.schemas import PosTables
 from app.settings import parse_duration
 from app.store import NotFoundError
+from app.store.console import FailureGroup
 
 #: Notices a page shows after a button sent the browser back to it (`?done=`).
 NOTICES = {
@@ -35,6 +36,8 @@ NOTICES = {
 STATIC_FILES = {"console.css": "text/css", "console.js": "text/javascript"}
 #: Venues the Overview lists as paused, at most.
 PAUSED_SHOWN = 100
+#: Deliveries the Overview counts per status, at most: past it, "more than 10,000".
+STATUS_COUNT_CAP = 10_000
 
 router = APIRouter()
 
@@ -63,7 +66,9 @@ async def overview(request: Request, context: ContextDep, session: SessionDep) -
 
     heartbeat = context.settings.relay_heartbeat_interval
     checks = await readiness_checks(context)
-    gauges = await context.store.gauges(stale_after_seconds=3 * heartbeat)
+    gauges = await context.store.gauges(
+        stale_after_seconds=3 * heartbeat, status_count_cap=STATUS_COUNT_CAP
+    )
     circuit, credentials = gauges.circuit, gauges.credentials
     if context.worker is not None and context.worker.circuit_state != "closed":
         circuit = context.worker.circuit_state
@@ -72,9 +77,7 @@ async def overview(request: Request, context: ContextDep, session: SessionDep) -
     workers = await context.store.list_workers(
         seen_within_seconds=WORKER_SEEN_HEARTBEATS * heartbeat
     )
-    paused = [v for v in await context.store.list_venues(after_id=None, limit=1000) if v["paused"]][
-        :PAUSED_SHOWN
-    ]
+    paused = await context.store.console.paused_venues(limit=PAUSED_SHOWN)
     chart_start, per_minute = await context.store.console.accepted_per_minute()
     return render(
         request,
@@ -86,6 +89,7 @@ async def overview(request: Request, context: ContextDep, session: SessionDep) -
         workers=workers,
         paused=paused,
         statuses=STATUSES,
+        count_cap=STATUS_COUNT_CAP,
         chart=_chart(chart_start, per_minute),
     )
 
@@ -202,9 +206,9 @@ async def confirm_retry_group(
     )
 
 
-async def find_group(context: AppContext, key: str) -> Any:
-    found = await context.store.console.failure_groups()
-    return next((g for g in found.groups if g.key == key), None)
+async def find_group(context: AppContext, key: str) -> FailureGroup | None:
+    group: FailureGroup | None = await context.store.console.failure_group(key)
+    return group
 
 
 @router.get("/console/deliveries/{delivery_id}")

@@ -151,15 +151,22 @@ class AdminQueries:
             return await self._fleet(conn, stale_after_seconds)
 
     @translate_errors
-    async def gauges(self, *, stale_after_seconds: float) -> Gauges:
-        """Relay-wide counts for `/api/stats` and the Prometheus gauges."""
+    async def gauges(
+        self, *, stale_after_seconds: float, status_count_cap: int | None = None
+    ) -> Gauges:
+        """Relay-wide counts for `/api/stats` and the Prometheus gauges. With
+        `status_count_cap`, each status is counted up to one more than the cap (a page that
+        shows "more than N" need not read a million index entries)."""
         async with self.tools.read() as conn:
             now = await self.tools.now(conn)
             counts: Counter[str] = Counter({status: 0 for status in STATUSES})
-            for status, count in await conn.execute(
-                select(delivery.c.status, func.count()).group_by(delivery.c.status)
-            ):
-                counts[status] = count
+            if status_count_cap is None:
+                for status, count in await conn.execute(
+                    select(delivery.c.status, func.count()).group_by(delivery.c.status)
+                ):
+                    counts[status] = count
+            else:
+                counts.update(await self._capped_counts(conn, status_count_cap))
             unprocessed = (
                 await conn.execute(
                     select(func.count(), func.min(outbox.c.created_at)).where(
@@ -193,6 +200,16 @@ class AdminQueries:
             venues_paused=int(venues_paused),
             request_rate=fleet.request_rate,
         )
+
+    @staticmethod
+    async def _capped_counts(conn: AsyncConnection, cap: int) -> dict[str, int]:
+        """Deliveries per status, each counted up to `cap + 1`."""
+        counts = {}
+        for status in STATUSES:
+            capped = select(delivery.c.id).where(delivery.c.status == status).limit(cap + 1)
+            found = await conn.execute(select(func.count()).select_from(capped.subquery()))
+            counts[status] = int(found.scalar_one())
+        return counts
 
     @translate_errors
     async def list_workers(self, *, seen_within_seconds: float) -> list[Record]:

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import case, func, select
 
 from app.db import translate_errors
-from app.models import attempt, booking, delivery
+from app.models import attempt, booking, delivery, venue
 from app.store.admin import REQUEUE_BATCH_SIZE
 from app.store.audit import Audit
 from app.store.replay import Replays, requeue_candidates
@@ -31,8 +30,8 @@ ANSWER_HEAD_CHARS = 300
 CAUSE_CHARS = 120
 #: Venues named per group (the count says how many there are).
 GROUP_VENUES_SHOWN = 10
-#: Deliveries per statement when reading their last answers.
-ANSWER_BATCH_SIZE = 500
+#: The statuses failure groups are made of.
+FAILING_STATUSES = ("dead", "retrying")
 
 
 @dataclass(slots=True)
@@ -119,6 +118,18 @@ class ConsoleQueries:
         return func.strftime("%Y-%m-%d %H:%M", column)
 
     @translate_errors
+    async def paused_venues(self, *, limit: int) -> list[dict[str, Any]]:
+        """Paused venues, longest paused first."""
+        async with self.tools.read() as conn:
+            rows = await conn.execute(
+                select(venue.c.venue_id, venue.c.paused_at, venue.c.paused_by, venue.c.pause_reason)
+                .where(venue.c.paused.is_(True))
+                .order_by(venue.c.paused_at, venue.c.venue_id)
+                .limit(limit)
+            )
+            return [dict(r._mapping) for r in rows]
+
+    @translate_errors
     async def accepted_per_minute(self, *, minutes: int = 60) -> tuple[datetime, list[int]]:
         """Deliveries accepted in each of the last `minutes` minutes (oldest first), and the
         first minute's start, on the database's clock."""
@@ -143,62 +154,99 @@ class ConsoleQueries:
                     counts[index] += int(count)
         return start, counts
 
+    def _failing(self, scan_limit: int) -> Any:
+        """The newest `scan_limit` dead and retrying deliveries, each with the head of its last
+        answer (`ix_mozrest_delivery_failing` reads them in id order without the table)."""
+        head = (
+            select(func.substr(attempt.c.response_body, 1, ANSWER_HEAD_CHARS))
+            .where(attempt.c.delivery_id == delivery.c.id)
+            .order_by(attempt.c.id.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+        return (
+            select(
+                delivery.c.id,
+                delivery.c.venue_id,
+                delivery.c.status,
+                delivery.c.last_status_code,
+                delivery.c.last_error,
+                delivery.c.updated_at,
+                head.label("head"),
+            )
+            .where(delivery.c.status.in_(FAILING_STATUSES))
+            .order_by(delivery.c.id.desc())
+            .limit(scan_limit)
+            .subquery("failing")
+        )
+
     @translate_errors
     async def failure_groups(self, *, scan_limit: int = GROUP_SCAN_LIMIT) -> FailureGroups:
         """The newest `scan_limit` dead and retrying deliveries grouped by cause, largest
-        group first."""
+        group first (without their ids: `failure_group` has them).
+
+        The database groups them by what makes a cause (status code, error, the answer's head)
+        and by venue and status, so only those few rows reach Python."""
+        failing = self._failing(scan_limit)
+        error = case((failing.c.last_status_code.is_(None), failing.c.last_error), else_=None)
+        keys = (failing.c.last_status_code, error, failing.c.head, failing.c.venue_id)
         async with self.tools.read() as conn:
             rows = (
                 await conn.execute(
                     select(
-                        delivery.c.id,
-                        delivery.c.venue_id,
-                        delivery.c.status,
-                        delivery.c.last_status_code,
-                        delivery.c.last_error,
-                        delivery.c.updated_at,
-                    )
-                    .where(delivery.c.status.in_(("dead", "retrying")))
-                    .order_by(delivery.c.id.desc())
-                    .limit(scan_limit)
+                        *keys,
+                        failing.c.status,
+                        func.count().label("n"),
+                        func.min(failing.c.updated_at).label("first_seen"),
+                        func.max(failing.c.updated_at).label("last_seen"),
+                        func.max(failing.c.id).label("newest_id"),
+                    ).group_by(*keys, failing.c.status)
                 )
             ).all()
-            answers = await self._last_answers(
-                conn, [r.id for r in rows if r.last_status_code is not None]
-            )
         groups: dict[str, FailureGroup] = {}
+        scanned = 0
         for row in rows:
-            cause = cause_of(row.last_status_code, row.last_error, answers.get(row.id))
-            key = group_key(cause)
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = FailureGroup(
-                    key=key, status_code=row.last_status_code, cause=cause
-                )
-            _add(group, row)
+            cause = cause_of(row.last_status_code, row[1], row.head)
+            _add(
+                _group(groups, cause, row.last_status_code),
+                venue_id=row.venue_id,
+                status=row.status,
+                count=int(row.n),
+                newest_id=int(row.newest_id),
+                first_seen=row.first_seen,
+                last_seen=row.last_seen,
+            )
+            scanned += int(row.n)
         ordered = sorted(groups.values(), key=lambda g: (-g.count, -g.newest_id))
         return FailureGroups(
-            groups=ordered, scanned=len(rows), capped=len(rows) >= scan_limit, scan_limit=scan_limit
+            groups=ordered, scanned=scanned, capped=scanned >= scan_limit, scan_limit=scan_limit
         )
 
-    async def _last_answers(self, conn: AsyncConnection, ids: list[int]) -> dict[int, str]:
-        """The head of each delivery's last answer body."""
-        answers: dict[int, str] = {}
-        for start in range(0, len(ids), ANSWER_BATCH_SIZE):
-            batch = ids[start : start + ANSWER_BATCH_SIZE]
-            newest = (
-                select(func.max(attempt.c.id))
-                .where(attempt.c.delivery_id.in_(batch))
-                .group_by(attempt.c.delivery_id)
-            )
-            result = await conn.execute(
-                select(
-                    attempt.c.delivery_id,
-                    func.substr(attempt.c.response_body, 1, ANSWER_HEAD_CHARS),
-                ).where(attempt.c.id.in_(newest))
-            )
-            answers.update({int(i): body for i, body in result if body is not None})
-        return answers
+    @translate_errors
+    async def failure_group(
+        self, key: str, *, scan_limit: int = GROUP_SCAN_LIMIT
+    ) -> FailureGroup | None:
+        """One failure group of `failure_groups`, with the ids of its dead deliveries."""
+        failing = self._failing(scan_limit)
+        async with self.tools.read() as conn:
+            rows = (await conn.execute(select(failing))).all()
+        groups: dict[str, FailureGroup] = {}
+        for row in rows:
+            cause = cause_of(row.last_status_code, row.last_error, row.head)
+            if group_key(cause) == key:
+                group = _group(groups, cause, row.last_status_code)
+                _add(
+                    group,
+                    venue_id=row.venue_id,
+                    status=row.status,
+                    count=1,
+                    newest_id=row.id,
+                    first_seen=row.updated_at,
+                    last_seen=row.updated_at,
+                )
+                if row.status == "dead":
+                    group.dead_ids.append(row.id)
+        return groups.get(key)
 
     @translate_errors
     async def count_requeueable(
@@ -258,17 +306,33 @@ class ConsoleQueries:
                     return total
 
 
-def _add(group: FailureGroup, row: Any) -> None:
-    group.count += 1
-    group.venues.add(row.venue_id)
-    group.newest_id = max(group.newest_id, row.id)
-    if row.status == "dead":
-        group.dead += 1
-        group.dead_ids.append(row.id)
+def _group(groups: dict[str, FailureGroup], cause: str, status_code: int | None) -> FailureGroup:
+    key = group_key(cause)
+    group = groups.get(key)
+    if group is None:
+        group = groups[key] = FailureGroup(key=key, status_code=status_code, cause=cause)
+    return group
+
+
+def _add(
+    group: FailureGroup,
+    *,
+    venue_id: str,
+    status: str,
+    count: int,
+    newest_id: int,
+    first_seen: datetime,
+    last_seen: datetime,
+) -> None:
+    """`count` deliveries of one venue and status into `group`."""
+    group.count += count
+    group.venues.add(venue_id)
+    group.newest_id = max(group.newest_id, newest_id)
+    if status == "dead":
+        group.dead += count
     else:
-        group.retrying += 1
-    seen = row.updated_at
-    if group.first_seen is None or seen < group.first_seen:
-        group.first_seen = seen
-    if group.last_seen is None or seen > group.last_seen:
-        group.last_seen = seen
+        group.retrying += count
+    if group.first_seen is None or first_seen < group.first_seen:
+        group.first_seen = first_seen
+    if group.last_seen is None or last_seen > group.last_seen:
+        group.last_seen = last_seen

@@ -11,7 +11,7 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,8 @@ def _start_browser() -> WebDriver:
     return webdriver.Chrome(options=options, service=service)
 
 
-@pytest.fixture
-def browser() -> Iterator[WebDriver]:
+def open_browser() -> Generator[WebDriver, None, None]:
+    """One headless chromium, quit afterwards: fails in CI when none can start, else skips."""
     try:
         driver = _start_browser()
     except (WebDriverException, OSError) as exc:
@@ -66,6 +66,12 @@ def browser() -> Iterator[WebDriver]:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    """One browser per module: starting chromium costs seconds."""
+    yield from open_browser()
 
 
 def wait_for(check: Callable[[], Any], *, timeout: float = 15.0, message: str = "") -> Any:

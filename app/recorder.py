@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from app import metrics, tracing
+from app.logs import get_logger, log_event
 from app.store import AttemptResult, Settled
+
+log = get_logger("worker")
 
 #: How long the recorder waits for more answers before writing a small batch.
 RECORD_LINGER_SECONDS = 0.005
@@ -84,3 +89,41 @@ class Recorder:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
+
+
+def report_settled(batch: list[AttemptResult], settled: list[Settled]) -> bool:
+    """The logs and metrics of a recorded batch; True when a newer state of one of its bookings
+    may go now (dispatch should look at once)."""
+    woke = False
+    for result, outcome in zip(batch, settled, strict=True):
+        fields = {
+            "delivery_id": outcome.delivery_id,
+            "booking_id": outcome.booking_id,
+            "status_code": result.status_code,
+            **tracing.log_fields(result.claim.traceparent),
+        }
+        if outcome.status is None:
+            log_event(log, logging.WARNING, "delivery.lease_lost", **fields)
+        elif outcome.status == "delivered":
+            woke = woke or outcome.newer_waiting
+            if outcome.lag_seconds is not None:
+                metrics.DELIVERY_LAG.observe(max(outcome.lag_seconds, 0.0))
+            # One line per delivery would dominate the logs at any real rate: the admin API
+            # and the metrics show each delivery; DEBUG shows the lines.
+            log_event(log, logging.DEBUG, "delivery.accepted", **fields)
+        elif outcome.status == "retrying":
+            next_at = outcome.next_attempt_at
+            log_event(
+                log,
+                logging.INFO,
+                "delivery.retry_scheduled",
+                next_attempt_at=next_at.isoformat() if next_at else None,
+                error=result.error,
+                **fields,
+            )
+        elif outcome.status == "dead":
+            log_event(log, logging.WARNING, "delivery.dead", error=outcome.error, **fields)
+        else:
+            woke = True
+            log_event(log, logging.INFO, f"delivery.{outcome.status}", **fields)
+    return woke

@@ -26,7 +26,8 @@ from app.publisher import make_publisher
 from app.secret_files import SecretSource
 from app.settings import Settings
 from app.store import Store
-from app.worker import Worker, WorkerConfig
+from app.worker import Worker
+from app.worker_config import WorkerConfig
 
 log = get_logger("runtime")
 

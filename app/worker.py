@@ -9,8 +9,8 @@ Four loops share one process, plus the recorder's:
 | --- | --- |
 | ingest | outbox rows to outcomes and deliveries; leases what can go at once |
 | dispatch | claims due deliveries (retries, states queued behind a request); starts requests |
-| heartbeat | reports the process and its gates to `mozrest_worker` |
-| maintenance | retention |
+| heartbeat | reports the process and its gates to `mozrest_worker` (`app.housekeeping`) |
+| maintenance | retention (`app.housekeeping`) |
 
 The events they wait on:
 
@@ -34,25 +34,21 @@ import logging
 import os
 import socket
 import time
-import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
-from app import metrics, tracing
+from app import metrics
 from app.clock import lease_clock
 from app.gates import Gates
+from app.housekeeping import Housekeeping
 from app.logs import get_logger, log_event
 from app.publisher import Publisher
-from app.recorder import Recorder
+from app.recorder import Recorder, report_settled
 from app.retrying import ride_out_outages
 from app.sender import Sender
-from app.settings import Settings
 from app.slots import RequestSlots
 from app.store import (
-    PRUNE_BATCH_SIZE,
     AttemptResult,
     Claim,
     LeaseRequest,
@@ -61,6 +57,7 @@ from app.store import (
     StorePort,
     WorkerInfo,
 )
+from app.worker_config import WorkerConfig, new_worker_id
 
 log = get_logger("worker")
 #: With a backlog and every claim slot taken, ingest waits this long at most for slots to free
@@ -73,53 +70,6 @@ T = TypeVar("T")
 
 class WorkerFailed(RuntimeError):
     """One of the worker's loops died of an unexpected error (logged as `worker.loop_failed`)."""
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerConfig:
-    """The tuning the loops need, in seconds and counts."""
-
-    concurrency: int = 64
-    batch_size: int = 200
-    poll_interval_seconds: float = 0.05
-    lease_seconds: float = 30.0
-    http_timeout_seconds: float = 10.0
-    shutdown_grace_seconds: float = 15.0
-    heartbeat_interval_seconds: float = 5.0
-    circuit_threshold: int = 5
-    circuit_cooldown_seconds: float = 10.0
-    retention_seconds: float = 7 * 86400.0
-    audit_retention_seconds: float | None = None
-    payload_retention_seconds: float | None = None
-    maintenance_interval_seconds: float = 60.0
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> WorkerConfig:
-        return cls(
-            concurrency=settings.relay_concurrency,
-            batch_size=settings.relay_batch_size,
-            poll_interval_seconds=settings.relay_poll_interval,
-            lease_seconds=settings.relay_lease_seconds,
-            http_timeout_seconds=settings.relay_http_timeout,
-            shutdown_grace_seconds=settings.relay_shutdown_grace,
-            heartbeat_interval_seconds=settings.relay_heartbeat_interval,
-            circuit_threshold=settings.relay_circuit_threshold,
-            circuit_cooldown_seconds=settings.relay_circuit_cooldown,
-            retention_seconds=settings.relay_retention,
-            audit_retention_seconds=settings.relay_audit_retention,
-            payload_retention_seconds=settings.relay_payload_retention,
-        )
-
-    @property
-    def min_claim(self) -> int:
-        """Claims are made in batches: a claim costs the same few statements however many rows
-        it takes, so with claims held, wait until half a batch is free rather than claiming one
-        delivery per finished request."""
-        return max(1, min(self.concurrency // 2, self.batch_size))
-
-
-def new_worker_id() -> str:
-    return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 class Worker:
@@ -157,6 +107,18 @@ class Worker:
             lease_seconds=config.lease_seconds,
             http_timeout_seconds=config.http_timeout_seconds,
             stopping=self._stopping,
+        )
+        self.housekeeping = Housekeeping(
+            store=store,
+            worker_id=self.id,
+            gates=self.gates,
+            request_rate=self.sender.rate.per_second,
+            stopping=self._stopping,
+            heartbeat_interval_seconds=config.heartbeat_interval_seconds,
+            maintenance_interval_seconds=config.maintenance_interval_seconds,
+            retention_seconds=config.retention_seconds,
+            audit_retention_seconds=config.audit_retention_seconds,
+            payload_retention_seconds=config.payload_retention_seconds,
         )
         self._ingest_wakeup = ingest_wakeup or asyncio.Event()
         self._dispatch_wakeup = asyncio.Event()
@@ -198,8 +160,8 @@ class Worker:
         loops = [
             asyncio.create_task(self._ingest_loop(), name="ingest"),
             asyncio.create_task(self._dispatch_loop(), name="dispatch"),
-            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-            asyncio.create_task(self._maintenance_loop(), name="maintenance"),
+            asyncio.create_task(self.housekeeping.heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self.housekeeping.maintenance_loop(), name="maintenance"),
         ]
         for task in [recorder, *loops]:
             task.add_done_callback(self._loop_ended)
@@ -445,75 +407,11 @@ class Worker:
 
     def _recorded(self, batch: list[AttemptResult], settled: list[Settled]) -> None:
         """Logs and metrics of a recorded batch; wake dispatch when a newer state may go."""
-        woke = False
-        for result, outcome in zip(batch, settled, strict=True):
-            fields = {
-                "delivery_id": outcome.delivery_id,
-                "booking_id": outcome.booking_id,
-                "status_code": result.status_code,
-                **tracing.log_fields(result.claim.traceparent),
-            }
-            if outcome.status is None:
-                log_event(log, logging.WARNING, "delivery.lease_lost", **fields)
-            elif outcome.status == "delivered":
-                woke = woke or outcome.newer_waiting
-                if outcome.lag_seconds is not None:
-                    metrics.DELIVERY_LAG.observe(max(outcome.lag_seconds, 0.0))
-                # One line per delivery would dominate the logs at any real rate: the admin API
-                # and the metrics show each delivery; DEBUG shows the lines.
-                log_event(log, logging.DEBUG, "delivery.accepted", **fields)
-            elif outcome.status == "retrying":
-                next_at = outcome.next_attempt_at
-                log_event(
-                    log,
-                    logging.INFO,
-                    "delivery.retry_scheduled",
-                    next_attempt_at=next_at.isoformat() if next_at else None,
-                    error=result.error,
-                    **fields,
-                )
-            elif outcome.status == "dead":
-                log_event(log, logging.WARNING, "delivery.dead", error=outcome.error, **fields)
-            else:
-                woke = True
-                log_event(log, logging.INFO, f"delivery.{outcome.status}", **fields)
-        if woke:
+        if report_settled(batch, settled):
             self._due_backlog = True
             self._dispatch_wakeup.set()
 
     # -- housekeeping ---------------------------------------------------------------------
-
-    async def _heartbeat_loop(self) -> None:
-        while not self._stopping.is_set():
-            with contextlib.suppress(StoreError):
-                await self.store.heartbeat(
-                    self.id,
-                    circuit=self.circuit_state,
-                    credentials=self.credentials_state,
-                    request_rate=self.sender.rate.per_second(),
-                )
-            self.gates.changed.clear()
-            await self._wait(self.gates.changed, self.config.heartbeat_interval_seconds)
-
-    async def _maintenance_loop(self) -> None:
-        while not self._stopping.is_set():
-            with contextlib.suppress(StoreError):
-                while not self._stopping.is_set():
-                    removed = await self.store.prune(
-                        retention_seconds=self.config.retention_seconds,
-                        audit_retention_seconds=self.config.audit_retention_seconds,
-                        payload_retention_seconds=self.config.payload_retention_seconds,
-                    )
-                    count_scrubbed(removed)
-                    if removed:
-                        log_event(log, logging.INFO, "retention.pruned", **removed)
-                    if max(removed.values(), default=0) < PRUNE_BATCH_SIZE:
-                        break
-                    await asyncio.sleep(0.1)  # small batches: never hog the tables
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._stopping.wait(), timeout=self.config.maintenance_interval_seconds
-                )
 
     @staticmethod
     async def _wait(event: asyncio.Event, seconds: float) -> None:
@@ -521,10 +419,3 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=seconds)
         event.clear()
-
-
-def count_scrubbed(removed: Counter[str]) -> None:
-    """Payload retention's rows (`Store.prune`'s `*_scrubbed` counts) to their metric."""
-    for table in ("outbox", "deliveries", "snapshots"):
-        if removed.get(f"{table}_scrubbed"):
-            metrics.PERSONAL_DATA_SCRUBBED.labels(table=table).inc(removed[f"{table}_scrubbed"])

@@ -15,7 +15,8 @@ from typing import Any
 
 from app.policy import Verdict
 from app.publisher import WebhookAnswer
-from app.worker import Worker, WorkerConfig
+from app.worker import Worker
+from app.worker_config import WorkerConfig
 from tests.conftest import eventually
 from tests.fakes import FakePublisher, FakeStore
 

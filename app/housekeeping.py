@@ -1,0 +1,96 @@
+"""The worker's housekeeping loops: the heartbeat (this process and its gates, in
+`mozrest_worker`) and retention (old rows pruned, personal data scrubbed), in small batches.
+
+Neither touches a delivery: a database outage only skips a beat, and the loops end when the
+worker stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+from app import metrics
+from app.gates import Gates
+from app.logs import get_logger, log_event
+from app.store import PRUNE_BATCH_SIZE, StoreError, StorePort
+
+log = get_logger("worker")
+#: Between two retention batches while there is more to remove: never hog the tables.
+PRUNE_PAUSE_SECONDS = 0.1
+
+
+class Housekeeping:
+    """The heartbeat and retention loops of one worker."""
+
+    def __init__(
+        self,
+        *,
+        store: StorePort,
+        worker_id: str,
+        gates: Gates,
+        request_rate: Callable[[], float],
+        stopping: asyncio.Event,
+        heartbeat_interval_seconds: float,
+        maintenance_interval_seconds: float,
+        retention_seconds: float,
+        audit_retention_seconds: float | None,
+        payload_retention_seconds: float | None,
+    ) -> None:
+        self.store = store
+        self.worker_id = worker_id
+        self.gates = gates
+        self.request_rate = request_rate
+        self.stopping = stopping
+        self.heartbeat_interval_seconds = heartbeat_interval_seconds
+        self.maintenance_interval_seconds = maintenance_interval_seconds
+        self.retention_seconds = retention_seconds
+        self.audit_retention_seconds = audit_retention_seconds
+        self.payload_retention_seconds = payload_retention_seconds
+
+    async def heartbeat_loop(self) -> None:
+        """Report the process and its gates now, again on every change of the gates, and at
+        least every heartbeat interval."""
+        while not self.stopping.is_set():
+            with contextlib.suppress(StoreError):
+                await self.store.heartbeat(
+                    self.worker_id,
+                    circuit=self.gates.circuit_state,
+                    credentials=self.gates.credentials_state,
+                    request_rate=self.request_rate(),
+                )
+            self.gates.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.gates.changed.wait(), self.heartbeat_interval_seconds)
+            self.gates.changed.clear()
+
+    async def maintenance_loop(self) -> None:
+        """Retention, batch after batch while a batch comes back full, then every interval."""
+        while not self.stopping.is_set():
+            with contextlib.suppress(StoreError):
+                while not self.stopping.is_set():
+                    removed = await self.store.prune(
+                        retention_seconds=self.retention_seconds,
+                        audit_retention_seconds=self.audit_retention_seconds,
+                        payload_retention_seconds=self.payload_retention_seconds,
+                    )
+                    count_scrubbed(removed)
+                    if removed:
+                        log_event(log, logging.INFO, "retention.pruned", **removed)
+                    if max(removed.values(), default=0) < PRUNE_BATCH_SIZE:
+                        break
+                    await asyncio.sleep(PRUNE_PAUSE_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.stopping.wait(), timeout=self.maintenance_interval_seconds
+                )
+
+
+def count_scrubbed(removed: Counter[str]) -> None:
+    """Payload retention's rows (`Store.prune`'s `*_scrubbed` counts) to their metric."""
+    for table in ("outbox", "deliveries", "snapshots"):
+        if removed.get(f"{table}_scrubbed"):
+            metrics.PERSONAL_DATA_SCRUBBED.labels(table=table).inc(removed[f"{table}_scrubbed"])

@@ -292,11 +292,13 @@ def load_average() -> list[str]:
 
 
 class Receiver:
-    """The fast webhook stand-in (`bench/receiver.py`) in its own process."""
+    """The fast webhook stand-in (`bench/receiver.py`) in its own process; with `delay_ms`, it
+    answers each POST that long after it arrived (a slow Mozrest) and counts overlaps."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, delay_ms: float = 0.0) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        self.delay_ms = delay_ms
         self.proc: Proc | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -305,9 +307,12 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}/rms"
 
     async def start(self) -> None:
+        argv = [PYTHON, "-m", "bench.receiver", "--port", str(self.port)]
+        if self.delay_ms:
+            argv += ["--delay-ms", str(self.delay_ms)]
         self.proc = spawn(
             "receiver",
-            [PYTHON, "-m", "bench.receiver", "--port", str(self.port)],
+            argv,
             env={**_clean_env(), "PYTHONPATH": str(ROOT)},
             workdir=self.workdir,
         )
@@ -337,9 +342,11 @@ class Receiver:
     async def reset(self) -> None:
         await self._call("POST", "/_reset")
 
-    async def dump(self) -> dict[str, Any]:
+    async def dump(self, *, arrivals: bool = False) -> dict[str, Any]:
+        """Per booking: count, first and last arrival, last body; with `arrivals`, also every
+        arrival time in order (`arrivals_ns`)."""
         path = self.workdir / f"dump-{time.monotonic_ns()}.json"
-        await self._call("POST", f"/_dump?path={path}")
+        await self._call("POST", f"/_dump?path={path}" + ("&arrivals=1" if arrivals else ""))
         return await asyncio.to_thread(_read_and_remove, path)
 
     async def wait_for(self, count: int, *, within: float, poll: float = 0.05) -> dict[str, Any]:

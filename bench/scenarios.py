@@ -20,6 +20,9 @@ from bench.common import (
     DB_PREFIX,
     MARIADB_HOST,
     MARIADB_PORT,
+    PG_HOST,
+    PG_PORT,
+    PG_USER,
     PYTHON,
     ROOT,
     AutovacuumStandIn,
@@ -870,4 +873,508 @@ async def drain_other(
         "correct": check,
     }
     log(f"{db.dialect} drain: {n} in {elapsed:.2f}s = {n / elapsed:,.0f}/s, ok={check['ok']}")
+    return result
+
+
+# -- scale-out against a slow Mozrest ------------------------------------------------------------
+
+
+def steady_rate(arrivals_ns: Sequence[int], trim: float = 0.1) -> dict[str, Any]:
+    """The rate in the middle of a drain: requests ordered by arrival, the first and last `trim`
+    of them left out (the workers' start and ramp-up, and the tail where slots empty), and the
+    rest divided by the time between the first and last of them."""
+    ordered = sorted(arrivals_ns)
+    if len(ordered) < 10:
+        return {"rate": None, "seconds": None, "requests": len(ordered)}
+    lo = int(len(ordered) * trim)
+    hi = len(ordered) - 1 - lo
+    seconds = max((ordered[hi] - ordered[lo]) / 1e9, 1e-9)
+    return {
+        "rate": round((hi - lo) / seconds, 1),
+        "seconds": round(seconds, 2),
+        "requests": hi - lo,
+        "trim": trim,
+    }
+
+
+def _middle_slice(arrivals_ns: Sequence[int], *, seconds: float, window_s: float) -> list[int]:
+    if not arrivals_ns:
+        return []
+    ordered = sorted(arrivals_ns)
+    start = ordered[len(ordered) // 2] - int(seconds * 1e9 / 2)
+    buckets = [0] * int(seconds / window_s)
+    for ns in ordered:
+        k = int((ns - start) / 1e9 // window_s)
+        if 0 <= k < len(buckets):
+            buckets[k] += 1
+    return buckets
+
+
+async def _in_flight_bookings(conn: asyncpg.Connection, limit: int) -> list[str]:
+    """Bookings whose delivery is leased now (its request most likely on the wire), newest
+    leases first (the relay's status index, read backwards)."""
+    rows = await conn.fetch(
+        "SELECT booking_id FROM mozrest_delivery WHERE status = 'pending' "
+        "AND lease_owner IS NOT NULL ORDER BY id DESC LIMIT $1",
+        limit,
+    )
+    return [r["booking_id"] for r in rows]
+
+
+async def _change_in_flight(
+    database: str,
+    newest: dict[str, dict],
+    receiver: Receiver,
+    *,
+    rate: float,
+    until_received: int,
+    rng: random.Random,
+) -> int:
+    """While the drain runs (until the receiver has `until_received` requests), every 100 ms
+    commit a new state for a few bookings whose request is in flight: the relay must hold each
+    until the answer to the one on the wire came back (the receiver counts any overlap).
+    Returns how many states it wrote; `newest` keeps each booking's newest."""
+    per_tick = max(1, round(rate / 10))
+    written = 0
+    step = 1
+    conn = await pg_connect(database)
+    try:
+        while (await receiver.stats())["received"] < until_received:
+            started = time.monotonic()
+            candidates = await _in_flight_bookings(conn, per_tick * 4)
+            chosen = rng.sample(candidates, min(per_tick, len(candidates)))
+            states = []
+            for b in chosen:
+                step += 1
+                newest[b] = change(newest[b], step, rng)
+                states.append(newest[b])
+            if states:
+                async with conn.transaction():
+                    await copy_outbox(conn, states)
+                written += len(states)
+            await asyncio.sleep(max(0.0, 0.1 - (time.monotonic() - started)))
+    finally:
+        await conn.close()
+    return written
+
+
+async def _relay_settled(database: str, within: float) -> bool:
+    """Wait until every outbox row is read and no delivery waits or retries."""
+    conn = await pg_connect(database)
+    try:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            unread = await conn.fetchval(
+                "SELECT count(*) FROM mozrest_outbox WHERE processed_at IS NULL"
+            )
+            waiting = await conn.fetchval(
+                "SELECT count(*) FROM mozrest_delivery WHERE status IN ('pending', 'retrying')"
+            )
+            if unread == 0 and waiting == 0:
+                return True
+            await asyncio.sleep(0.2)
+        return False
+    finally:
+        await conn.close()
+
+
+async def scaleout_pg(
+    workdir: Path,
+    *,
+    receiver: Receiver,
+    processes: int,
+    concurrency: int,
+    n: int,
+    tag: int,
+    batch_size: int | None = None,
+    changes_per_second: float = 50.0,
+) -> dict[str, Any]:
+    """A backlog of `n` seated bookings committed, then `processes` workers started at
+    `concurrency` each against `receiver`, which answers after its delay. The ceiling is
+    processes x concurrency / delay; the rate is the steady one (`steady_rate`). Meanwhile new
+    states of bookings in flight are written (`_change_in_flight`), and at the end every
+    booking's last body must be its newest state and the receiver must have seen no overlap."""
+    config = RelayConfig(concurrency=concurrency)
+    if batch_size is not None:
+        config.batch_size = batch_size
+    delay_s = receiver.delay_ms / 1000.0
+    ceiling = processes * concurrency / delay_s
+    rng = random.Random(tag)
+    async with pg_database("scaleout") as database, _receiver_scope(workdir, receiver) as receiver:
+        url = pg_url(database)
+        await migrate(url, workdir=workdir)
+        payloads = [seated_payload(tag, i) for i in range(n)]
+        newest = {p["bookingId"]: p for p in payloads}
+        conn = await pg_connect(database)
+        try:
+            async with conn.transaction():
+                await copy_outbox(conn, payloads)
+        finally:
+            await conn.close()
+        procs = [
+            start_worker(f"worker{k}", url, receiver.url, config, workdir) for k in range(processes)
+        ]
+        try:
+            await receiver.wait_for(1, within=60, poll=0.005)
+            meter = CpuMeter(
+                {f"worker{k}": p.pid for k, p in enumerate(procs)} | _receiver_pid(receiver)
+            )
+            meter.start()
+            changed = await asyncio.wait_for(
+                _change_in_flight(
+                    database,
+                    newest,
+                    receiver,
+                    rate=changes_per_second,
+                    until_received=int(n * 0.8),
+                    rng=rng,
+                ),
+                timeout=DRAIN_TIMEOUT,
+            )
+            stats = await receiver.wait_for(n, within=DRAIN_TIMEOUT)
+            cpu = meter.stop()
+            if stats["received"] < n:
+                raise RuntimeError(
+                    f"scale-out drain incomplete: {stats['received']}/{n}\n" + procs[0].tail()
+                )
+            settled = await _relay_settled(database, within=60)
+            for _ in range(200):  # the last answers leave the receiver (10 s at most)
+                if not (await receiver.stats())["in_flight"]:
+                    break
+                await asyncio.sleep(0.05)
+            dump = await receiver.dump(arrivals=True)
+        finally:
+            codes = [p.stop() for p in procs]
+    check = check_final_states(dump, newest)
+    arrivals = dump["arrivals_ns"]
+    steady = steady_rate(arrivals)
+    first_to_last = max((arrivals[-1] - arrivals[0]) / 1e9, 1e-9) if arrivals else None
+    rate = steady["rate"]
+    result = {
+        "processes": processes,
+        "concurrency": concurrency,
+        "delay_ms": receiver.delay_ms,
+        "n": n,
+        "ceiling": round(ceiling, 1),
+        "rate": rate,
+        "of_ceiling": round(rate / ceiling, 3) if rate else None,
+        "steady": steady,
+        "rate_first_to_last_post": round(len(arrivals) / first_to_last, 1)
+        if first_to_last
+        else None,
+        "posts": dump["received"],
+        "states_changed_in_flight": changed,
+        "overlaps": dump["overlaps"],
+        "overlap_bookings": dump["overlap_bookings"],
+        "max_in_flight": dump["max_in_flight"],
+        "settled": settled,
+        "rate_trace_per_1s": rate_trace(arrivals, arrivals[0], window_s=1.0) if arrivals else [],
+        # Arrivals per 50 ms over 3 s from the middle of the drain: requests sent in waves
+        # (every slot at once, then none until the wave is answered and recorded) show here.
+        "arrivals_per_50ms_mid": _middle_slice(arrivals, seconds=3.0, window_s=0.05),
+        "cpu_cores": cpu,
+        "exit_codes": codes,
+        "correct": check,
+        "config": config.describe(),
+    }
+    log(
+        f"scale-out {processes}x{concurrency} (batch {config.batch_size}), "
+        f"{receiver.delay_ms:g} ms: steady {rate}/s of {ceiling:,.0f}/s "
+        f"({result['of_ceiling']}), max in flight {dump['max_in_flight']}, "
+        f"overlaps {dump['overlaps']}, {changed} states changed in flight, ok={check['ok']}"
+    )
+    return result
+
+
+# -- the RMS beside the relay ----------------------------------------------------------------------
+
+#: How the RMS-like clients name their sessions; relay sessions are `mozrest-relay/<pid>`.
+RMS_APPLICATION = "rms-bench"
+#: Each RMS session, and for one waiting on a heavyweight lock, who holds it (pg_blocking_pids
+#: is called only for those: it briefly takes the lock manager's locks).
+_LOCK_SAMPLE = """
+    SELECT w.pid, w.wait_event_type, w.wait_event,
+           CASE WHEN w.wait_event_type = 'Lock' THEN ARRAY(
+               SELECT b.application_name || ' ' || b.pid || ': ' || left(b.query, 100)
+               FROM pg_stat_activity b WHERE b.pid = ANY(pg_blocking_pids(w.pid))
+           ) END AS blockers,
+           left(w.query, 100) AS query
+    FROM pg_stat_activity w
+    WHERE w.application_name = $1 AND w.state = 'active'
+"""
+
+
+class LockSampler:
+    """Samples, every `interval` seconds, the RMS sessions that wait on a lock, and who holds it:
+    `relay_waits` counts (sample, RMS session) pairs blocked by a relay session."""
+
+    def __init__(self, database: str, interval: float = 0.02) -> None:
+        self.database = database
+        self.interval = interval
+        self.samples = 0
+        self.relay_waits = 0
+        self.lock_waits = 0
+        self.wait_events: dict[str, int] = {}
+        self.examples: list[dict[str, Any]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._started = 0.0
+        self._stopped = 0.0
+
+    async def _loop(self) -> None:
+        conn = await pg_connect(self.database)
+        try:
+            while True:
+                started = time.monotonic()
+                rows = await conn.fetch(_LOCK_SAMPLE, RMS_APPLICATION)
+                self.samples += 1
+                for row in rows:
+                    if row["wait_event_type"]:
+                        event = f"{row['wait_event_type']}:{row['wait_event']}"
+                        self.wait_events[event] = self.wait_events.get(event, 0) + 1
+                    blockers = row["blockers"] or []
+                    if row["wait_event_type"] == "Lock":
+                        self.lock_waits += 1
+                    if any(b.startswith("mozrest-relay/") for b in blockers):
+                        self.relay_waits += 1
+                        if len(self.examples) < 5:
+                            self.examples.append(
+                                {"query": row["query"], "blockers": list(blockers)}
+                            )
+                await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+        finally:
+            await conn.close()
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> dict[str, Any]:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        seconds = time.monotonic() - self._started
+        return {
+            "samples": self.samples,
+            "mean_interval_ms": round(1000 * seconds / max(self.samples, 1), 1),
+            "rms_waits_on_relay": self.relay_waits,
+            "rms_lock_waits_any": self.lock_waits,
+            "rms_wait_events": dict(sorted(self.wait_events.items(), key=lambda kv: -kv[1])),
+            "examples": self.examples,
+        }
+
+
+async def _create_reservations(conn: asyncpg.Connection, payloads: Sequence[dict]) -> None:
+    """The RMS's own table: one reservation row per booking."""
+    await conn.execute(
+        """
+        CREATE TABLE reservation (
+            id bigint PRIMARY KEY,
+            booking_id text NOT NULL UNIQUE,
+            venue_id text NOT NULL,
+            status text NOT NULL,
+            party_size integer NOT NULL,
+            version integer NOT NULL DEFAULT 0,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        )
+        """
+    )
+    await conn.copy_records_to_table(
+        "reservation",
+        records=[
+            (i, p["bookingId"], p["venueId"], p["status"], p["partySize"])
+            for i, p in enumerate(payloads)
+        ],
+        columns=["id", "booking_id", "venue_id", "status", "party_size"],
+    )
+
+
+async def _rms_load(
+    database: str,
+    bases: Sequence[dict],
+    newest: dict[str, tuple[int, dict]],
+    *,
+    clients: int,
+    rate: float,
+    seconds: float,
+    tag: int,
+) -> dict[str, Any]:
+    """`clients` connections, each running RMS transactions (UPDATE the reservation's row, then
+    INSERT its outbox row, COMMIT) for `seconds`: at `rate` transactions/s in all (each client
+    on its own fixed schedule, never waiting for the others), or back to back with `rate` 0.
+    Latency: BEGIN to COMMIT returned, and the COMMIT alone."""
+    update_sql = (
+        "UPDATE reservation SET version = version + 1, party_size = 1 + (version + 1) % 12, "
+        "updated_at = now() WHERE id = $1 RETURNING version, party_size"
+    )
+    insert_sql = "INSERT INTO mozrest_outbox (booking_id, venue_id, payload) VALUES ($1, $2, $3)"
+    conns = [
+        await asyncpg.connect(
+            host=PG_HOST,
+            port=PG_PORT,
+            user=PG_USER,
+            database=database,
+            server_settings={"application_name": RMS_APPLICATION},
+        )
+        for _ in range(clients)
+    ]
+    tx_ms: list[float] = []
+    commit_ms: list[float] = []
+    behind = 0.0
+    start = time.monotonic() + 0.05
+    end = start + seconds
+
+    async def client(k: int, conn: asyncpg.Connection) -> None:
+        nonlocal behind
+        rng = random.Random(tag * 1000 + k)
+        i = 0
+        per_client = rate / clients if rate else 0.0
+        while True:
+            due = start + (k / clients + i) / per_client if per_client else time.monotonic()
+            if due >= end or time.monotonic() >= end:
+                return
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                behind = max(behind, -delay)
+            index = rng.randrange(len(bases))
+            base = bases[index]
+            t0 = time.perf_counter()
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                row = await conn.fetchrow(update_sql, index)
+                state = {**base, "partySize": row["party_size"], "notes": f"RMS {row['version']}"}
+                await conn.execute(insert_sql, base["bookingId"], base["venueId"], dumps(state))
+            except BaseException:
+                await tx.rollback()
+                raise
+            t1 = time.perf_counter()
+            await tx.commit()
+            t2 = time.perf_counter()
+            tx_ms.append((t2 - t0) * 1000)
+            commit_ms.append((t2 - t1) * 1000)
+            known = newest.get(base["bookingId"])
+            if known is None or known[0] < row["version"]:
+                newest[base["bookingId"]] = (row["version"], state)
+            i += 1
+
+    try:
+        await asyncio.wait_for(
+            asyncio.gather(*(client(k, c) for k, c in enumerate(conns))), timeout=seconds + 60
+        )
+    finally:
+        for c in conns:
+            await c.close()
+    elapsed = max(time.monotonic() - start, 1e-9)
+    return {
+        "clients": clients,
+        "offered_rate": rate or None,
+        "transactions": len(tx_ms),
+        "tx_per_s": round(len(tx_ms) / elapsed, 1),
+        "tx_p50_ms": _r(percentile(tx_ms, 50)),
+        "tx_p99_ms": _r(percentile(tx_ms, 99)),
+        "tx_max_ms": _r(max(tx_ms) if tx_ms else None),
+        "commit_p50_ms": _r(percentile(commit_ms, 50)),
+        "commit_p99_ms": _r(percentile(commit_ms, 99)),
+        "schedule_max_behind_ms": round(behind * 1000, 1),
+    }
+
+
+async def _backlog_left(database: str) -> dict[str, int]:
+    conn = await pg_connect(database)
+    try:
+        unread = await conn.fetchval(
+            "SELECT count(*) FROM mozrest_outbox WHERE processed_at IS NULL"
+        )
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM mozrest_delivery WHERE status IN ('pending', 'retrying')"
+        )
+        return {"outbox_unread": int(unread), "deliveries_waiting": int(waiting)}
+    finally:
+        await conn.close()
+
+
+async def rms_pg(
+    workdir: Path,
+    *,
+    backlog: int,
+    clients: int,
+    rate: float,
+    seconds: float,
+    tag: int,
+    config: RelayConfig | None = None,
+) -> dict[str, Any]:
+    """An RMS-like load beside the relay. A `reservation` table (one row per booking) and a
+    backlog of `backlog` seated states are committed; the RMS load (`_rms_load`) runs `seconds`
+    with the relay not started, then again while the worker drains that backlog (and the RMS's
+    own rows) at full speed. Both times, `LockSampler` looks every 20 ms for an RMS session
+    waiting on a lock held by a relay session. At the end, every booking's last body at the
+    receiver must be its newest state (the highest reservation version the RMS committed)."""
+    config = config or RelayConfig()
+    async with pg_database("rms") as database, Receiver(workdir) as receiver:
+        url = pg_url(database)
+        await migrate(url, notify=config.notify, workdir=workdir)
+        payloads = [seated_payload(tag, i) for i in range(backlog)]
+        newest: dict[str, tuple[int, dict]] = {p["bookingId"]: (0, p) for p in payloads}
+        conn = await pg_connect(database)
+        try:
+            async with conn.transaction():
+                await _create_reservations(conn, payloads)
+                await copy_outbox(conn, payloads)
+            await conn.execute("ANALYZE reservation")
+        finally:
+            await conn.close()
+        phases: dict[str, Any] = {}
+        sampler = LockSampler(database)
+        sampler.start()
+        phases["relay idle"] = await _rms_load(
+            database, payloads, newest, clients=clients, rate=rate, seconds=seconds, tag=tag
+        )
+        phases["relay idle"]["locks"] = await sampler.stop()
+        proc = start_worker("worker-rms", url, receiver.url, config, workdir)
+        try:
+            await receiver.wait_for(1, within=60, poll=0.005)
+            meter = CpuMeter({"worker": proc.pid} | _receiver_pid(receiver))
+            meter.start()
+            received_before = (await receiver.stats())["received"]
+            sampler = LockSampler(database)
+            sampler.start()
+            phase = await _rms_load(
+                database, payloads, newest, clients=clients, rate=rate, seconds=seconds, tag=tag + 1
+            )
+            phase["locks"] = await sampler.stop()
+            phase["cpu_cores"] = meter.stop()
+            stats = await receiver.stats()
+            phase["relay_posts_per_s"] = round((stats["received"] - received_before) / seconds, 1)
+            phase["backlog_left_at_end"] = await _backlog_left(database)
+            phases["relay draining"] = phase
+            settled = await _relay_settled(database, within=DRAIN_TIMEOUT)
+            await asyncio.sleep(0.2)
+            dump = await receiver.dump()
+        finally:
+            code = proc.stop()
+    check = check_final_states(dump, {b: state for b, (_, state) in newest.items()})
+    idle, busy = phases["relay idle"], phases["relay draining"]
+    result = {
+        "backlog": backlog,
+        "clients": clients,
+        "offered_rate": rate or None,
+        "seconds": seconds,
+        "phases": phases,
+        "rms_waits_on_relay": busy["locks"]["rms_waits_on_relay"],
+        "settled": settled,
+        "posts": dump["received"],
+        "exit_code": code,
+        "correct": check,
+        "config": config.describe(),
+    }
+    log(
+        f"rms: {clients} clients; relay idle: {idle['tx_per_s']} tx/s, p50 {idle['tx_p50_ms']} "
+        f"p99 {idle['tx_p99_ms']} ms; relay draining ({busy['relay_posts_per_s']}/s): "
+        f"{busy['tx_per_s']} tx/s, p50 {busy['tx_p50_ms']} p99 {busy['tx_p99_ms']} ms; "
+        f"waits on the relay {result['rms_waits_on_relay']} in {busy['locks']['samples']} "
+        f"samples; ok={check['ok']}"
+    )
     return result

@@ -87,7 +87,7 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
                 base_url=settings.api_url,
                 # Re-read from MOZREST_API_KEY_FILE on a 401: a rotated key needs no restart.
                 api_key=SecretSource.from_settings(settings, "MOZREST_API_KEY"),
-                timeout_seconds=settings.relay_http_timeout,
+                timeout_seconds=settings.relay_http_timeout_seconds,
             )
             context = AppContext(
                 settings=settings, store=parts.store, partner_api=partner_api, worker=parts.worker
@@ -234,7 +234,7 @@ async def _check_fleet(context: AppContext, checks: dict[str, str]) -> None:
     try:
         fleet = await asyncio.wait_for(
             context.store.fleet_health(
-                stale_after_seconds=3 * context.settings.relay_heartbeat_interval
+                stale_after_seconds=3 * context.settings.relay_heartbeat_interval_seconds
             ),
             timeout=2,
         )
@@ -255,7 +255,7 @@ async def _check_fleet(context: AppContext, checks: dict[str, str]) -> None:
 async def refresh_gauges(context: AppContext) -> None:
     """Set the relay-wide gauges from the database."""
     stats = await context.store.gauges(
-        stale_after_seconds=3 * context.settings.relay_heartbeat_interval
+        stale_after_seconds=3 * context.settings.relay_heartbeat_interval_seconds
     )
     for status, count in stats.deliveries.items():
         metrics.DELIVERIES.labels(status=status).set(count)

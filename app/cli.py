@@ -261,7 +261,7 @@ def cmd_pos_tables(args: argparse.Namespace) -> int:
         api = PartnerApi(
             base_url=settings.api_url,
             api_key=SecretSource.from_settings(settings, "MOZREST_API_KEY"),
-            timeout_seconds=settings.relay_http_timeout,
+            timeout_seconds=settings.relay_http_timeout_seconds,
         )
         try:
             return await api.pos_tables(args.venue_id)

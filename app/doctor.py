@@ -273,7 +273,7 @@ class Doctor:
         if not self.schema_ok:
             self.add("workers", "skip", "needs the schema")
             return
-        stale_after = 3 * self.settings.relay_heartbeat_interval
+        stale_after = 3 * self.settings.relay_heartbeat_interval_seconds
         try:
             workers = await _within(self.store.list_workers(seen_within_seconds=stale_after))
         except (StoreError, sa_exc.SQLAlchemyError, OSError, TimeoutError) as exc:
@@ -307,7 +307,9 @@ class Doctor:
             return
         try:
             gauges = await _within(
-                self.store.gauges(stale_after_seconds=3 * self.settings.relay_heartbeat_interval)
+                self.store.gauges(
+                    stale_after_seconds=3 * self.settings.relay_heartbeat_interval_seconds
+                )
             )
         except (StoreError, sa_exc.SQLAlchemyError, OSError, TimeoutError) as exc:
             self.add("backlog", "fail", f"cannot read it: {describe_database_error(exc)}")
@@ -343,7 +345,7 @@ class Doctor:
         try:
             fleet = await _within(
                 self.store.fleet_health(
-                    stale_after_seconds=3 * self.settings.relay_heartbeat_interval
+                    stale_after_seconds=3 * self.settings.relay_heartbeat_interval_seconds
                 )
             )
         except (StoreError, sa_exc.SQLAlchemyError, OSError, TimeoutError):

@@ -390,7 +390,7 @@ async def list_outbox(
 @router.get("/stats", tags=["relay"], summary="Relay-wide counts, circuit and credentials")
 async def get_stats(context: ContextDep) -> Stats:
     gauges = await context.store.gauges(
-        stale_after_seconds=3 * context.settings.relay_heartbeat_interval
+        stale_after_seconds=3 * context.settings.relay_heartbeat_interval_seconds
     )
     circuit, credentials = gauges.circuit, gauges.credentials
     worker = context.worker
@@ -416,7 +416,8 @@ async def get_stats(context: ContextDep) -> Stats:
 @router.get("/workers", tags=["relay"], summary="Relay processes seen recently")
 async def list_workers(context: ContextDep) -> WorkerList:
     rows = await context.store.list_workers(
-        seen_within_seconds=WORKER_SEEN_HEARTBEATS * context.settings.relay_heartbeat_interval
+        seen_within_seconds=WORKER_SEEN_HEARTBEATS
+        * context.settings.relay_heartbeat_interval_seconds
     )
     return WorkerList(items=[WorkerProcess(**row) for row in rows])
 
@@ -451,7 +452,7 @@ class PosTablesCache:
 async def _pos_tables(request: Request, context: AppContext, venue_id: str) -> PosTables:
     cache: PosTablesCache | None = getattr(request.app.state, "pos_tables_cache", None)
     if cache is None:
-        cache = PosTablesCache(ttl_seconds=context.settings.relay_pos_tables_cache)
+        cache = PosTablesCache(ttl_seconds=context.settings.relay_pos_tables_cache_seconds)
         request.app.state.pos_tables_cache = cache
     answer = cache.get(venue_id)
     if answer is None:

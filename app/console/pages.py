@@ -61,7 +61,7 @@ def _notice(request: Request) -> str | None:
 async def overview(request: Request, context: ContextDep, session: SessionDep) -> Response:
     from app.api import readiness_checks  # app.api mounts this router: import when called
 
-    heartbeat = context.settings.relay_heartbeat_interval
+    heartbeat = context.settings.relay_heartbeat_interval_seconds
     checks = await readiness_checks(context)
     gauges = await context.store.gauges(stale_after_seconds=3 * heartbeat)
     circuit, credentials = gauges.circuit, gauges.credentials

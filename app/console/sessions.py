@@ -206,7 +206,7 @@ async def sign_in(
         _set_cookie(request, response, SIGN_IN_COOKIE, fresh, 3600)
         return response
     session_id = secrets.token_urlsafe(32)
-    lifetime = settings.relay_console_session
+    lifetime = settings.relay_console_session_seconds
     await context.store.sessions.open(
         session_id, token_name=principal.name, role=principal.role, lifetime_seconds=lifetime
     )

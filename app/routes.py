@@ -45,6 +45,7 @@ from app.schemas import (
     WorkerProcess,
     storable_text,
 )
+from app.states import CircuitState, CredentialsState
 from app.store import NotFoundError
 
 log = get_logger("api")
@@ -395,9 +396,9 @@ async def get_stats(context: ContextDep) -> Stats:
     circuit, credentials = gauges.circuit, gauges.credentials
     worker = context.worker
     # This process's own worker knows its state before its next heartbeat says so.
-    if worker is not None and worker.circuit_state != "closed":
+    if worker is not None and worker.circuit_state != CircuitState.CLOSED:
         circuit = worker.circuit_state
-    if worker is not None and worker.credentials_state != "ok":
+    if worker is not None and worker.credentials_state != CredentialsState.OK:
         credentials = worker.credentials_state
     return Stats.model_validate(
         {

@@ -21,6 +21,7 @@ from app.routes_access import AuditAction
 from app.routes_venues import encode_venue_cursor
 from app.schemas import PosTables
 from app.settings import parse_duration
+from app.states import CircuitState, CredentialsState, DeliveryStatus
 from app.store import NotFoundError
 
 #: Notices a page shows after a button sent the browser back to it (`?done=`).
@@ -65,9 +66,9 @@ async def overview(request: Request, context: ContextDep, session: SessionDep) -
     checks = await readiness_checks(context)
     gauges = await context.store.gauges(stale_after_seconds=3 * heartbeat)
     circuit, credentials = gauges.circuit, gauges.credentials
-    if context.worker is not None and context.worker.circuit_state != "closed":
+    if context.worker is not None and context.worker.circuit_state != CircuitState.CLOSED:
         circuit = context.worker.circuit_state
-    if context.worker is not None and context.worker.credentials_state != "ok":
+    if context.worker is not None and context.worker.credentials_state != CredentialsState.OK:
         credentials = context.worker.credentials_state
     workers = await context.store.list_workers(
         seen_within_seconds=WORKER_SEEN_HEARTBEATS * heartbeat
@@ -190,7 +191,7 @@ async def confirm_retry_group(
     if group is None:
         return message(request, 404, "No such group", "This failure group has no deliveries now.")
     count = await context.store.console.count_requeueable(
-        status="dead", delivery_ids=group.dead_ids
+        status=DeliveryStatus.DEAD, delivery_ids=group.dead_ids
     )
     return render(
         request,
@@ -238,7 +239,7 @@ async def _state_before(
     older = [
         d
         for d in record.deliveries
-        if d["status"] == "delivered" and d["outbox_id"] < row["outbox_id"]
+        if d["status"] == DeliveryStatus.DELIVERED and d["outbox_id"] < row["outbox_id"]
     ]
     if not older:
         return None, None

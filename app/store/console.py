@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db import translate_errors
 from app.models import attempt, booking, delivery
+from app.states import DeliveryStatus
 from app.store.admin import REQUEUE_BATCH_SIZE
 from app.store.audit import Audit
 from app.store.replay import Replays, requeue_candidates
@@ -129,7 +130,7 @@ class ConsoleQueries:
             rows = await conn.execute(
                 select(bucket, func.count())
                 .where(
-                    delivery.c.status == "delivered",
+                    delivery.c.status == DeliveryStatus.DELIVERED,
                     # `updated_at` is indexed and never older than `delivered_at`.
                     delivery.c.updated_at >= start,
                     delivery.c.delivered_at >= start,
@@ -158,7 +159,7 @@ class ConsoleQueries:
                         delivery.c.last_error,
                         delivery.c.updated_at,
                     )
-                    .where(delivery.c.status.in_(("dead", "retrying")))
+                    .where(delivery.c.status.in_((DeliveryStatus.DEAD, DeliveryStatus.RETRYING)))
                     .order_by(delivery.c.id.desc())
                     .limit(scan_limit)
                 )
@@ -262,7 +263,7 @@ def _add(group: FailureGroup, row: Any) -> None:
     group.count += 1
     group.venues.add(row.venue_id)
     group.newest_id = max(group.newest_id, row.id)
-    if row.status == "dead":
+    if row.status == DeliveryStatus.DEAD:
         group.dead += 1
         group.dead_ids.append(row.id)
     else:

@@ -39,7 +39,8 @@ from app.contract import ContractError, State, parse_row
 from app.db import clock_now, is_outage, is_row_fault, translate_errors
 from app.logs import get_logger, log_event
 from app.models import booking, delivery, outbox
-from app.policy import BookingView, Decision, Outcome, Waiting, decide, plan_lease
+from app.policy import BookingView, Decision, Waiting, decide, plan_lease
+from app.states import DeliveryStatus, Outcome
 from app.store import bookings
 from app.store.rate import RateLimit
 from app.store.records import Claim, IngestReport, LeaseRequest
@@ -404,7 +405,7 @@ class Ingest:
             "venue_id": row.venue_id,
             "outbox_id": row.id,
             "payload": state,
-            "status": "pending",
+            "status": DeliveryStatus.PENDING,
             "attempt_count": 0,
             "changed_fields": decision.changed_fields,
             "warnings": decision.warnings,

@@ -16,8 +16,10 @@ from app.console.views import STATIC, field_changes, message, render
 from app.deps import AppContext, ContextDep
 from app.models import OUTCOMES, STATUSES
 from app.publisher import PartnerApiError
-from app.routes import WORKER_SEEN_HEARTBEATS, encode_cursor, match_tables
+from app.routes import WORKER_SEEN_HEARTBEATS
 from app.routes_access import AuditAction
+from app.routes_common import encode_cursor
+from app.routes_pos import match_tables, pos_tables_of
 from app.routes_venues import encode_venue_cursor
 from app.schemas import PosTables
 from app.settings import parse_duration
@@ -364,10 +366,8 @@ async def venues_page(request: Request, context: ContextDep, session: SessionDep
 
 async def _tables(request: Request, context: AppContext, venue_id: str) -> dict[str, Any]:
     """The venue's POS tables and the table-matching report, or Mozrest's failure."""
-    from app.routes import _pos_tables  # the API's cached call: one cache for both
-
     try:
-        pos: PosTables = await _pos_tables(request, context, venue_id)
+        pos: PosTables = await pos_tables_of(request, context, venue_id)  # the API's cache
     except HTTPException as exc:
         return {"error": str(exc.detail)}
     except PartnerApiError as exc:

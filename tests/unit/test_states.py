@@ -22,7 +22,8 @@ from app.states import (
 
 def test_each_state_equals_its_stored_string() -> None:
     """`DeliveryStatus.DEAD == "dead"`: code may compare a row's plain string to the name."""
-    assert DeliveryStatus.DEAD == "dead"
+    stored: str = "dead"  # as a row's column reads
+    assert DeliveryStatus.DEAD == stored
     assert {"pending": 1}[DeliveryStatus.PENDING] == 1
     assert STATUSES == ("pending", "retrying", "delivered", "dead", "superseded", "cancelled")
     assert OUTCOMES == ("queued", "unchanged", "held", "superseded", "invalid")
@@ -43,15 +44,17 @@ def test_the_api_literals_list_exactly_the_states_values() -> None:
 
 def test_json_shows_plain_strings() -> None:
     """A state handed to the API's models or to `json.dumps` is written as its plain value."""
-    row = AuditRow(
-        id=1,
-        at=datetime(2026, 11, 30, tzinfo=UTC),
-        actor="ana",
-        action="delivery.retry",
-        target="1",
-        result=AuditResult.REFUSED,
-        detail={"status": DeliveryStatus.DEAD},
-        client=None,
+    row = AuditRow.model_validate(
+        {
+            "id": 1,
+            "at": datetime(2026, 11, 30, tzinfo=UTC),
+            "actor": "ana",
+            "action": "delivery.retry",
+            "target": "1",
+            "result": AuditResult.REFUSED,
+            "detail": {"status": DeliveryStatus.DEAD},
+            "client": None,
+        }
     )
     dumped = json.loads(row.model_dump_json())
     assert dumped["result"] == "refused" and dumped["detail"] == {"status": "dead"}

@@ -40,6 +40,7 @@ from app.routes_venues import router as venues_router
 from app.runtime import assemble, bind_socket
 from app.secret_files import SecretSource
 from app.settings import Settings
+from app.states import CircuitState, CredentialsState
 from app.store import ConflictError, NotFoundError, StoreError
 from app.worker import Worker
 
@@ -87,7 +88,7 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
                 base_url=settings.api_url,
                 # Re-read from MOZREST_API_KEY_FILE on a 401: a rotated key needs no restart.
                 api_key=SecretSource.from_settings(settings, "MOZREST_API_KEY"),
-                timeout_seconds=settings.relay_http_timeout,
+                timeout_seconds=settings.relay_http_timeout_seconds,
             )
             context = AppContext(
                 settings=settings, store=parts.store, partner_api=partner_api, worker=parts.worker
@@ -184,9 +185,9 @@ async def readiness_checks(context: AppContext) -> dict[str, str]:
     checks = {"database": "ok", "schema": "ok", "worker": "ok", "mozrest": "ok"}
     await _check_database(context, checks)
     if context.worker is not None:
-        if context.worker.credentials_state != "ok":
+        if context.worker.credentials_state != CredentialsState.OK:
             checks["mozrest"] = CREDENTIALS_REJECTED + _token_read(context.worker)
-        elif context.worker.circuit_state != "closed":
+        elif context.worker.circuit_state != CircuitState.CLOSED:
             checks["mozrest"] = f"circuit {context.worker.circuit_state}: Mozrest is failing"
     if checks["database"] == "ok" and checks["schema"] != "ok":
         checks["worker"] = "unknown: no worker runs on a schema that is not right"
@@ -234,7 +235,7 @@ async def _check_fleet(context: AppContext, checks: dict[str, str]) -> None:
     try:
         fleet = await asyncio.wait_for(
             context.store.fleet_health(
-                stale_after_seconds=3 * context.settings.relay_heartbeat_interval
+                stale_after_seconds=3 * context.settings.relay_heartbeat_interval_seconds
             ),
             timeout=2,
         )
@@ -255,7 +256,7 @@ async def _check_fleet(context: AppContext, checks: dict[str, str]) -> None:
 async def refresh_gauges(context: AppContext) -> None:
     """Set the relay-wide gauges from the database."""
     stats = await context.store.gauges(
-        stale_after_seconds=3 * context.settings.relay_heartbeat_interval
+        stale_after_seconds=3 * context.settings.relay_heartbeat_interval_seconds
     )
     for status, count in stats.deliveries.items():
         metrics.DELIVERIES.labels(status=status).set(count)
@@ -265,8 +266,10 @@ async def refresh_gauges(context: AppContext) -> None:
     metrics.REQUEST_RATE.set(stats.request_rate)
     metrics.RATE_LIMIT.set(context.settings.relay_rate_limit)
     # This process's own worker knows its circuit before its next heartbeat says so.
-    own_circuit_open = context.worker is not None and context.worker.circuit_state != "closed"
-    metrics.CIRCUIT_OPEN.set(1 if stats.circuit != "closed" or own_circuit_open else 0)
+    own_circuit_open = (
+        context.worker is not None and context.worker.circuit_state != CircuitState.CLOSED
+    )
+    metrics.CIRCUIT_OPEN.set(1 if stats.circuit != CircuitState.CLOSED or own_circuit_open else 0)
 
 
 def _exit_if_failed(task: asyncio.Task[None]) -> None:

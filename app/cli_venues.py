@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from app.settings import Settings, load_settings
+from app.states import DeliveryStatus
 from app.store.audit import AuditEntry
 
 #: The widest venue id column `venue list` prints before it stops aligning.
@@ -123,10 +124,14 @@ def _print_venues(venues: list[dict[str, Any]]) -> None:
         state = "paused" if venue["paused"] else "active"
         items = {None: "default", True: "on", False: "off"}[venue["send_items"]]
         counts = venue["deliveries"]
+        pending, retrying, dead = (
+            counts[status]
+            for status in (DeliveryStatus.PENDING, DeliveryStatus.RETRYING, DeliveryStatus.DEAD)
+        )
         why = ""
         if venue["paused"]:
             why = f"{venue['paused_by'] or '?'}: {venue['pause_reason'] or '(no reason given)'}"
         print(
-            f"{venue['venue_id']:<{width}}  {state:<6}  {items:<7}  {counts['pending']:>7} "
-            f"{counts['retrying']:>8} {counts['dead']:>4} {venue['dead_last_hour']:>7}  {why}"
+            f"{venue['venue_id']:<{width}}  {state:<6}  {items:<7}  {pending:>7} "
+            f"{retrying:>8} {dead:>4} {venue['dead_last_hour']:>7}  {why}"
         )

@@ -19,6 +19,7 @@ from app.logs import get_logger, log_event
 from app.migrate import schema_problem
 from app.partner_api import PartnerApi
 from app.settings import Settings
+from app.states import AuditResult
 from app.store import AuditEntry, Store, StoreError
 from app.worker import Worker
 
@@ -111,7 +112,7 @@ async def require_role(request: Request, context: ContextDep, caller: CallerDep)
     detail = f"{action} needs the operator role; the token {caller.name!r} is a {caller.role}"
     await context.store.audit.record_alone(
         caller.audit(action, target),
-        result="refused",
+        result=AuditResult.REFUSED,
         detail={"status": 403, "reason": "needs the operator role", "role": caller.role},
     )
     log_event(log, logging.WARNING, "api.refused", actor=caller.name, action=action, target=target)

@@ -21,9 +21,11 @@ from sqlalchemy import exc as sa_exc
 
 from app.db import create_engine
 from app.migrate import schema_problem
+from app.models import ACTIVE_STATUSES
 from app.policy import KNOWN_STATUSES
 from app.runtime import build_store, describe_database_error, safe_database_url
 from app.settings import ConfigError, Settings, load_settings
+from app.states import CircuitState, DeliveryStatus
 from app.store import Store, StoreError
 
 Verdict = Literal["ok", "warn", "fail", "skip"]
@@ -273,7 +275,7 @@ class Doctor:
         if not self.schema_ok:
             self.add("workers", "skip", "needs the schema")
             return
-        stale_after = 3 * self.settings.relay_heartbeat_interval
+        stale_after = 3 * self.settings.relay_heartbeat_interval_seconds
         try:
             workers = await _within(self.store.list_workers(seen_within_seconds=stale_after))
         except (StoreError, sa_exc.SQLAlchemyError, OSError, TimeoutError) as exc:
@@ -288,7 +290,7 @@ class Doctor:
             )
             return
         hosts = sorted({f"{w['hostname']}:{w['pid']}" for w in workers})
-        open_circuits = [w for w in workers if w["circuit"] != "closed"]
+        open_circuits = [w for w in workers if w["circuit"] != CircuitState.CLOSED]
         if open_circuits:
             self.add(
                 "workers",
@@ -307,14 +309,16 @@ class Doctor:
             return
         try:
             gauges = await _within(
-                self.store.gauges(stale_after_seconds=3 * self.settings.relay_heartbeat_interval)
+                self.store.gauges(
+                    stale_after_seconds=3 * self.settings.relay_heartbeat_interval_seconds
+                )
             )
         except (StoreError, sa_exc.SQLAlchemyError, OSError, TimeoutError) as exc:
             self.add("backlog", "fail", f"cannot read it: {describe_database_error(exc)}")
             return
         oldest = gauges.oldest_pending_age_seconds
-        waiting = gauges.deliveries.get("pending", 0) + gauges.deliveries.get("retrying", 0)
-        dead = gauges.deliveries.get("dead", 0)
+        waiting = sum(gauges.deliveries.get(status, 0) for status in ACTIVE_STATUSES)
+        dead = gauges.deliveries.get(DeliveryStatus.DEAD, 0)
         summary = (
             f"{gauges.outbox_unprocessed} outbox rows unprocessed, {waiting} deliveries waiting"
             + (f", the oldest waiting {oldest:.0f}s" if oldest is not None else "")
@@ -343,7 +347,7 @@ class Doctor:
         try:
             fleet = await _within(
                 self.store.fleet_health(
-                    stale_after_seconds=3 * self.settings.relay_heartbeat_interval
+                    stale_after_seconds=3 * self.settings.relay_heartbeat_interval_seconds
                 )
             )
         except (StoreError, sa_exc.SQLAlchemyError, OSError, TimeoutError):

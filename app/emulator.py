@@ -74,329 +74,31 @@ instead of an HTTP answer; one that stops at the status line sees a retryable 50
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import random
-import secrets
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime
-from typing import Annotated, Any, Final, Literal, NoReturn
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.types import Receive, Scope, Send
 
-from app.contract import DEFAULT_MAX_PAYLOAD_BYTES, ContractError, parse_state
-
-#: How many /rms requests and trace events are kept: enough for a long benchmark, bounded memory.
-REQUEST_LOG_LIMIT: Final = 100_000
-TRACE_LIMIT: Final = 100_000
-#: What an unconfigured venue's POS tables are, so `make run` shows something.
-DEFAULT_TABLES: Final[tuple[dict[str, str | None], ...]] = (
-    {"id": "T1", "name": "Table 1", "area": "Main room"},
-    {"id": "T2", "name": "Table 2", "area": "Main room"},
-    {"id": "T3", "name": "Table 3", "area": "Terrace"},
-    {"id": "T4", "name": "Table 4", "area": None},
+from app.emulator_faults import ConnectionDropped, DroppedConnection, Faults, FaultSettings
+from app.emulator_state import (
+    DEFAULT_TABLES,
+    NOT_JSON,
+    Emulator,
+    Menu,
+    MenuSettings,
+    TablesSettings,
+    TokenSettings,
+    bearer_rejection,
+    decode_json,
+    unauthorized,
 )
 
-FaultTarget = Literal["rms", "pos-tables", "all"]
-_NOT_JSON: Final = object()
-
-
-class ConnectionDropped(Exception):
-    """Raised after a response has started so that the server closes the connection (a drop)."""
-
-
-class FaultSettings(BaseModel):
-    """Faults to inject; every field is optional and a PUT replaces the whole set."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    target: FaultTarget = "rms"
-    failure_rate: float = Field(default=0.0, ge=0.0, le=1.0)
-    failure_status: int = Field(default=500, ge=300, le=599)
-    status: int | None = Field(default=None, ge=300, le=599)
-    latency_ms: float = Field(default=0.0, ge=0.0, le=60_000)
-    latency_jitter_ms: float = Field(default=0.0, ge=0.0, le=60_000)
-    retry_after_seconds: int | None = Field(default=None, ge=0)
-    retry_after_http_date: bool = False
-    drop_rate: float = Field(default=0.0, ge=0.0, le=1.0)
-    fail_next: int = Field(default=0, ge=0)
-    fail_next_status: int = Field(default=503, ge=300, le=599)
-    seed: int | None = None
-
-
-class MenuSettings(BaseModel):
-    """A venue's menu: the SKUs its POS knows, and whether unknown ones are refused with 422."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    skus: list[str]
-    reject_unknown: bool = False
-
-
-class TokenSettings(BaseModel):
-    """New keys for the emulator to expect; an omitted one is left as it is, null accepts any."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    token: str | None = Field(default=None, min_length=1)
-    api_key: str | None = Field(default=None, min_length=1)
-
-
-class PosTable(BaseModel):
-    """One table as Mozrest's POS tables endpoint describes it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    id: str
-    name: str
-    area: str | None = None
-
-
-class TablesSettings(BaseModel):
-    """A venue's POS tables."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tables: list[PosTable]
-
-
-@dataclass(slots=True)
-class _Fault:
-    """A fault drawn for one request: `status` None means drop the connection."""
-
-    name: str
-    status: int | None
-
-
-@dataclass(slots=True)
-class _Faults:
-    """Active fault settings with their random source and what is left of the counted burst."""
-
-    settings: FaultSettings
-    rng: random.Random
-    fail_next_remaining: int
-
-    @classmethod
-    def from_settings(cls, settings: FaultSettings) -> _Faults:
-        return cls(settings, random.Random(settings.seed), settings.fail_next)
-
-    def draw(self, endpoint: FaultTarget) -> tuple[float, _Fault | None]:
-        """The delay in seconds and the fault, if any, for one request to `endpoint`."""
-        settings = self.settings
-        if settings.target not in (endpoint, "all"):
-            return 0.0, None
-        delay_ms = settings.latency_ms
-        if settings.latency_jitter_ms:
-            delay_ms += self.rng.uniform(0.0, settings.latency_jitter_ms)
-        delay_seconds = delay_ms / 1000
-        if settings.drop_rate and self.rng.random() < settings.drop_rate:
-            return delay_seconds, _Fault("drop", None)
-        if self.fail_next_remaining > 0:
-            self.fail_next_remaining -= 1
-            return delay_seconds, _Fault("fail_next", settings.fail_next_status)
-        if settings.status is not None:
-            return delay_seconds, _Fault("status", settings.status)
-        if settings.failure_rate and self.rng.random() < settings.failure_rate:
-            return delay_seconds, _Fault("failure_rate", settings.failure_status)
-        return delay_seconds, None
-
-    def as_json(self) -> dict[str, Any]:
-        return {**self.settings.model_dump(), "fail_next_remaining": self.fail_next_remaining}
-
-
-@dataclass(slots=True)
-class _Booking:
-    """What the emulated POS holds for one booking."""
-
-    state: dict[str, Any]
-    accepted_count: int = 0
-    order_items: list[dict[str, Any]] = field(default_factory=list)
-    #: True when the last accepted state carried no items and the order kept earlier ones.
-    order_items_kept: bool = False
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "state": self.state,
-            "accepted_count": self.accepted_count,
-            "order_items": self.order_items,
-            "order_items_kept": self.order_items_kept,
-        }
-
-
-@dataclass(slots=True)
-class _Menu:
-    skus: frozenset[str]
-    reject_unknown: bool
-
-
-class Emulator:
-    """Everything one emulator app holds; it lives on `app.state.emulator`."""
-
-    def __init__(self, *, token: str | None, api_key: str | None) -> None:
-        self.token = token
-        self.api_key = api_key
-        self.next_seq = 1
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget what was received and configured; `next_seq` keeps counting."""
-        self.bookings: dict[str, _Booking] = {}
-        self.requests: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_LIMIT)
-        self.trace: deque[dict[str, Any]] = deque(maxlen=TRACE_LIMIT)
-        self.faults: _Faults | None = None
-        self.menus: dict[str, _Menu] = {}
-        self.tables: dict[str, list[dict[str, Any]]] = {}
-        self.received = 0
-        self.accepted = 0
-        self.dropped = 0
-        self.by_status: dict[int, int] = {}
-
-    def draw_fault(self, endpoint: FaultTarget) -> tuple[float, _Fault | None]:
-        return (0.0, None) if self.faults is None else self.faults.draw(endpoint)
-
-    def fault_response(self, fault: _Fault) -> Response:
-        if fault.status is None:
-            return _DroppedConnection()
-        headers = {}
-        assert self.faults is not None  # a fault was drawn from them
-        settings = self.faults.settings
-        if settings.retry_after_seconds is not None:
-            if settings.retry_after_http_date:
-                when = datetime.now(UTC) + timedelta(seconds=settings.retry_after_seconds)
-                headers["Retry-After"] = format_datetime(when, usegmt=True)
-            else:
-                headers["Retry-After"] = str(settings.retry_after_seconds)
-        detail = f"Injected fault ({fault.name}): {fault.status}"
-        return JSONResponse({"detail": detail}, status_code=fault.status, headers=headers)
-
-    def accept(self, request: Request, raw: bytes, body: Any) -> Response:
-        """Check one webhook request that drew no fault and store its state if it is valid."""
-        rejection = _bearer_rejection(request.headers.get("authorization"), self.token)
-        if rejection is not None:
-            return _unauthorized(rejection)
-        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if media_type != "application/json":
-            return JSONResponse({"detail": "Content-Type must be application/json"}, 400)
-        try:
-            if len(raw) > DEFAULT_MAX_PAYLOAD_BYTES:
-                raise ContractError(
-                    "payload", f"is larger than the {DEFAULT_MAX_PAYLOAD_BYTES}-byte limit"
-                )
-            if body is _NOT_JSON:
-                raise ContractError("payload", "is not valid JSON")
-            state = parse_state(body, strict=True)
-        except ContractError as err:
-            return JSONResponse({"detail": str(err), "field": err.field}, 400)
-        booking_id: str = state["bookingId"]
-        items: list[dict[str, Any]] | None = state.get("items")
-        menu = self.menus.get(state["venueId"])
-        if items and menu is not None:
-            unknown = list(dict.fromkeys(i["sku"] for i in items if i["sku"] not in menu.skus))
-            if unknown:
-                self.trace.append(
-                    {
-                        "type": "unknown_sku",
-                        "bookingId": booking_id,
-                        "venueId": state["venueId"],
-                        "skus": unknown,
-                        "rejected": menu.reject_unknown,
-                        "at": datetime.now(UTC).isoformat(),
-                    }
-                )
-                if menu.reject_unknown:
-                    return JSONResponse({"detail": f"Unknown SKU(s): {', '.join(unknown)}"}, 422)
-        booking = self.bookings.get(booking_id)
-        if booking is None:
-            booking = self.bookings[booking_id] = _Booking(state=body)
-        else:
-            booking.state = body
-        booking.accepted_count += 1
-        if items:
-            booking.order_items, booking.order_items_kept = items, False
-        else:
-            booking.order_items_kept = bool(booking.order_items)
-        self.accepted += 1
-        return JSONResponse({"status": "ok", "bookingId": booking_id})
-
-    def log_request(
-        self,
-        *,
-        body: Any,
-        status_code: int | None,
-        received_at: datetime,
-        arrival_ns: int,
-        fault: _Fault | None,
-    ) -> None:
-        booking_id = body.get("bookingId") if isinstance(body, dict) else None
-        self.requests.append(
-            {
-                "seq": self.next_seq,
-                "bookingId": booking_id if isinstance(booking_id, str) else None,
-                "status_code": status_code,
-                "received_at": received_at.isoformat(),
-                "arrival_ns": arrival_ns,
-                "finished_ns": time.monotonic_ns(),
-                "body": body,
-                "fault": None if fault is None else fault.name,
-            }
-        )
-        self.next_seq += 1
-        self.received += 1
-        if status_code is None:
-            self.dropped += 1
-        else:
-            self.by_status[status_code] = self.by_status.get(status_code, 0) + 1
-
-
-class _DroppedConnection(Response):
-    """Starts an answer it never finishes, so that the server closes the connection."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send(
-            {"type": "http.response.start", "status": 503, "headers": [(b"content-length", b"1")]}
-        )
-        raise ConnectionDropped
-
-
-def _bearer_rejection(authorization: str | None, expected: str | None) -> str | None:
-    """Why a request's Bearer credentials are refused, or None when they are accepted. With no
-    token expected, every request is accepted, with or without credentials: so a relay run
-    without MOZREST_WEBHOOK_TOKEN (allowed on loopback) works against an emulator started
-    without `--token`."""
-    if expected is None:
-        return None
-    scheme, _, credentials = (authorization or "").partition(" ")
-    credentials = credentials.strip()
-    if scheme.lower() != "bearer" or not credentials:
-        return "Missing bearer token"
-    if not secrets.compare_digest(credentials.encode(), expected.encode()):
-        return "Invalid bearer token"
-    return None
-
-
-def _unauthorized(detail: str) -> Response:
-    return JSONResponse({"detail": detail}, 401, headers={"WWW-Authenticate": "Bearer"})
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _decode_json(raw: bytes) -> Any:
-    """The parsed body, or `_NOT_JSON`; bodies over the size limit are not parsed."""
-    if len(raw) > DEFAULT_MAX_PAYLOAD_BYTES:
-        return _NOT_JSON
-    try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        return _NOT_JSON
+# Callers import these from here.
+__all__ = ["ConnectionDropped", "Emulator", "FaultSettings", "create_app", "serve"]
 
 
 def _emulator(request: Request) -> Emulator:
@@ -417,7 +119,7 @@ async def receive_reservation(request: Request) -> Response:
     received_at = datetime.now(UTC)
     emulator = _emulator(request)
     raw = await request.body()
-    body = _decode_json(raw)
+    body = decode_json(raw)
     delay_seconds, fault = emulator.draw_fault("rms")
     if delay_seconds:
         await asyncio.sleep(delay_seconds)
@@ -426,8 +128,8 @@ async def receive_reservation(request: Request) -> Response:
     else:
         response = emulator.fault_response(fault)
     emulator.log_request(
-        body=None if body is _NOT_JSON else body,
-        status_code=None if isinstance(response, _DroppedConnection) else response.status_code,
+        body=None if body is NOT_JSON else body,
+        status_code=None if isinstance(response, DroppedConnection) else response.status_code,
         received_at=received_at,
         arrival_ns=arrival_ns,
         fault=fault,
@@ -444,9 +146,9 @@ async def list_pos_tables(venue_id: str, request: Request) -> Response:
         await asyncio.sleep(delay_seconds)
     if fault is not None:
         return emulator.fault_response(fault)
-    rejection = _bearer_rejection(request.headers.get("authorization"), emulator.api_key)
+    rejection = bearer_rejection(request.headers.get("authorization"), emulator.api_key)
     if rejection is not None:
-        return _unauthorized(rejection)
+        return unauthorized(rejection)
     tables = emulator.tables.get(venue_id, DEFAULT_TABLES)
     return JSONResponse({"venueId": venue_id, "tables": list(tables), "count": len(tables)})
 
@@ -492,13 +194,13 @@ async def list_trace(emulator: EmulatorDep) -> Response:
 @control.get("/faults")
 async def get_faults(emulator: EmulatorDep) -> dict[str, Any]:
     """The active fault settings."""
-    return (emulator.faults or _Faults.from_settings(FaultSettings())).as_json()
+    return (emulator.faults or Faults.from_settings(FaultSettings())).as_json()
 
 
 @control.put("/faults")
 async def put_faults(settings: FaultSettings, emulator: EmulatorDep) -> dict[str, Any]:
     """Replace the fault settings (omitted fields take their defaults)."""
-    emulator.faults = _Faults.from_settings(settings)
+    emulator.faults = Faults.from_settings(settings)
     return emulator.faults.as_json()
 
 
@@ -506,13 +208,13 @@ async def put_faults(settings: FaultSettings, emulator: EmulatorDep) -> dict[str
 async def clear_faults(emulator: EmulatorDep) -> dict[str, Any]:
     """Inject no faults."""
     emulator.faults = None
-    return _Faults.from_settings(FaultSettings()).as_json()
+    return Faults.from_settings(FaultSettings()).as_json()
 
 
 @control.put("/venues/{venue_id}/menu")
 async def put_menu(venue_id: str, menu: MenuSettings, emulator: EmulatorDep) -> dict[str, Any]:
     """Configure the SKUs a venue's POS knows."""
-    emulator.menus[venue_id] = _Menu(frozenset(menu.skus), menu.reject_unknown)
+    emulator.menus[venue_id] = Menu(frozenset(menu.skus), menu.reject_unknown)
     return {"venueId": venue_id, **menu.model_dump()}
 
 

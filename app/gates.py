@@ -11,6 +11,7 @@ import asyncio
 import time
 
 from app.policy import Breaker, Verdict
+from app.states import CredentialsState
 
 
 class Gates:
@@ -33,7 +34,8 @@ class Gates:
 
     @property
     def credentials_state(self) -> str:
-        return "ok" if self.credentials.closed else "rejected"
+        state = CredentialsState.OK if self.credentials.closed else CredentialsState.REJECTED
+        return str(state)
 
     def claimable(self, free_slots: int) -> tuple[int, bool]:
         """How many claims dispatch may make now, and whether they are a probe."""

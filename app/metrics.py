@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from app.states import DeliveryStatus, Outcome, stored_values
+
 OUTBOX_ROWS = Counter(
     "mozrest_relay_outbox_rows", "Outbox rows given an outcome, by outcome.", ["outcome"]
 )
@@ -55,7 +57,7 @@ PERSONAL_DATA_SCRUBBED = Counter(
 # Every label a dashboard expects exists from the start, at zero.
 for _table in ("outbox", "deliveries", "snapshots"):
     PERSONAL_DATA_SCRUBBED.labels(table=_table)
-for _outcome in ("queued", "unchanged", "held", "superseded", "invalid"):
+for _outcome in stored_values(Outcome):
     OUTBOX_ROWS.labels(outcome=_outcome)
-for _status in ("pending", "retrying", "delivered", "dead", "superseded", "cancelled"):
+for _status in stored_values(DeliveryStatus):
     DELIVERIES.labels(status=_status)

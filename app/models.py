@@ -17,12 +17,21 @@ from sqlalchemy import (
 )
 
 from app.db import MYSQL_TABLE_OPTIONS, BigId, JsonDocument, UTCDateTime, metadata, utcnow
+from app.states import (
+    AuditResult,
+    CircuitState,
+    CredentialsState,
+    DeliveryReason,
+    DeliveryStatus,
+    Outcome,
+    stored_values,
+)
 
-#: Outcomes of an outbox row.
-OUTCOMES = ("queued", "unchanged", "held", "superseded", "invalid")
-#: Delivery statuses; `ACTIVE` ones may still be sent.
-STATUSES = ("pending", "retrying", "delivered", "dead", "superseded", "cancelled")
-ACTIVE_STATUSES = ("pending", "retrying")
+#: Outcomes of an outbox row, as stored (`app.states.Outcome`).
+OUTCOMES = stored_values(Outcome)
+#: Delivery statuses, as stored (`app.states.DeliveryStatus`); `ACTIVE` ones may still be sent.
+STATUSES = stored_values(DeliveryStatus)
+ACTIVE_STATUSES = (str(DeliveryStatus.PENDING), str(DeliveryStatus.RETRYING))
 
 #: The SQL of `ACTIVE_STATUSES`, as the partial indexes and the claim query spell it.
 ACTIVE_PREDICATE = "status IN ('pending', 'retrying')"
@@ -119,7 +128,7 @@ delivery = Table(
     Column("requeued_at", UTCDateTime(), nullable=True),
     # Why it was made: `change` (ingest), `replay` (an operator's requeue) or `resync` (a
     # venue's resync: a state Mozrest accepted, sent again past the no-op rule).
-    Column("reason", String(16), nullable=False, server_default=text("'change'")),
+    Column("reason", String(16), nullable=False, server_default=text(f"'{DeliveryReason.CHANGE}'")),
     # The trace its attempts belong to (the row's valid `traceparent`, or one started at
     # ingest while tracing is on): every retry is a span of this one trace.
     Column("traceparent", String(55), nullable=True),
@@ -177,8 +186,10 @@ worker = Table(
     Column("started_at", UTCDateTime(), nullable=False, server_default=utcnow()),
     Column("heartbeat_at", UTCDateTime(), nullable=False, server_default=utcnow()),
     Column("stopped_at", UTCDateTime(), nullable=True),
-    Column("circuit", String(16), nullable=False, server_default=text("'closed'")),
-    Column("credentials", String(16), nullable=False, server_default=text("'ok'")),
+    Column("circuit", String(16), nullable=False, server_default=text(f"'{CircuitState.CLOSED}'")),
+    Column(
+        "credentials", String(16), nullable=False, server_default=text(f"'{CredentialsState.OK}'")
+    ),
     # Webhook requests per second this process sent over its last ten seconds (its heartbeat);
     # the live processes' sum is the relay's rate.
     Column("request_rate", Float, nullable=False, server_default=text("0")),
@@ -232,7 +243,7 @@ AUDIT_ACTIONS = (
     "venue.resync",
     "booking.erase",
 )
-AUDIT_RESULTS = ("ok", "refused")
+AUDIT_RESULTS = stored_values(AuditResult)
 
 # Who changed what through the admin API, refused attempts included. Kept
 # RELAY_AUDIT_RETENTION, whatever RELAY_RETENTION says. Never a token, never guest data.

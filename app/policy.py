@@ -15,6 +15,8 @@ from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_tz
 
 from app.contract import State, changed_fields, delivery_warnings, states_equal
+from app.states import CircuitState, DeliveryStatus
+from app.states import Outcome as Outcome  # where it was first defined: callers import it here
 from app.text import shown
 
 #: Answers that mean "try again later"; 5xx are retryable too.
@@ -29,16 +31,6 @@ KNOWN_STATUSES = frozenset({"booked", "confirmed", "seated", "finished", "cancel
 #: A booking never sent is never first sent in one of these: Mozrest has no order
 #: to cancel.
 NEVER_FIRST_STATUSES = frozenset({"cancelled"})
-
-
-class Outcome(enum.StrEnum):
-    """The outcome of an outbox row."""
-
-    QUEUED = "queued"
-    UNCHANGED = "unchanged"
-    HELD = "held"
-    SUPERSEDED = "superseded"
-    INVALID = "invalid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,22 +247,22 @@ class RetryPolicy:
         """
         if verdict is Verdict.DELIVERED:
             lag = (now - outbox_created_at).total_seconds() if outbox_created_at else None
-            return Settlement("delivered", delivered_at=now, lag_seconds=lag)
+            return Settlement(DeliveryStatus.DELIVERED, delivered_at=now, lag_seconds=lag)
         if verdict is Verdict.DEAD:
-            return Settlement("dead")
+            return Settlement(DeliveryStatus.DEAD)
         if newer_waiting:
-            return Settlement("superseded")
+            return Settlement(DeliveryStatus.SUPERSEDED)
         if verdict is Verdict.CREDENTIALS_REJECTED:
             # Our credentials, not the booking: wait for them, never dead-letter for it.
             due = now + timedelta(seconds=self.credentials_cooldown_seconds)
-            return Settlement("retrying", next_attempt_at=due)
+            return Settlement(DeliveryStatus.RETRYING, next_attempt_at=due)
         deadline = retry_window_started_at + timedelta(seconds=self.max_age_seconds)
         remaining = (deadline - now).total_seconds()
         if remaining <= 0:
-            return Settlement("dead")
+            return Settlement(DeliveryStatus.DEAD)
         if retry_after_seconds is not None and retry_after_seconds >= remaining:
             return Settlement(
-                "dead",
+                DeliveryStatus.DEAD,
                 error=(
                     f"Retry-After asks for {retry_after_seconds:.0f}s, past the delivery's "
                     f"deadline (RELAY_RETRY_MAX_AGE) {remaining:.0f}s away"
@@ -282,7 +274,7 @@ class RetryPolicy:
         if not answered and written:
             # Unanswered: the request may still land until its lease ends; never overlap it.
             next_at = max(next_at, lease_expires_at)
-        return Settlement("retrying", next_attempt_at=next_at)
+        return Settlement(DeliveryStatus.RETRYING, next_attempt_at=next_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,10 +339,8 @@ def parse_http_date(value: str | None) -> float | None:
         return None
 
 
-class BreakerState(enum.StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
+#: A breaker's states are the circuit's (`app.states.CircuitState`).
+BreakerState = CircuitState
 
 
 class Breaker:

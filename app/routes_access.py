@@ -12,14 +12,14 @@ from pydantic import AfterValidator, BaseModel
 
 from app.deps import CallerDep, ContextDep, audit_as
 from app.logs import get_logger, log_event
-from app.routes import (
+from app.routes_common import (
     CONFLICT,
     DEFAULT_PAGE_SIZE,
     NOT_FOUND,
     BookingKey,
     Limit,
-    _cursor_of,
-    _page,
+    cursor_of,
+    page_of,
     reject_unknown_query,
 )
 from app.schemas import storable_text
@@ -71,7 +71,7 @@ class Erasure(BaseModel):
 
 access_router = APIRouter(dependencies=[Depends(reject_unknown_query)])
 
-AuditCursor = Annotated[int | None, Depends(_cursor_of("audit"))]
+AuditCursor = Annotated[int | None, Depends(cursor_of("audit"))]
 ActorFilter = Annotated[
     str | None,
     Query(min_length=1, max_length=64, description="Only this token name's calls."),
@@ -90,7 +90,7 @@ async def list_audit(
     rows = await context.store.audit.list(
         actor=actor, action=action, before_id=cursor, limit=limit + 1
     )
-    items, next_cursor = _page("audit", rows, limit)
+    items, next_cursor = page_of("audit", rows, limit)
     return AuditPage(items=[AuditRow(**row) for row in items], next_cursor=next_cursor)
 
 

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 
 from app.deps import CallerDep, ContextDep, audit_as
 from app.logs import get_logger, log_event
-from app.routes import NOT_FOUND, Limit, reject_unknown_query
+from app.routes_common import NOT_FOUND, Limit, reject_unknown_query
 from app.schemas import (
     Error,
     PauseRequest,

@@ -169,11 +169,11 @@ def build_store(settings: Settings, engine: AsyncEngine) -> Store:
         send_items=settings.relay_send_items,
         max_payload_bytes=settings.relay_max_payload_bytes,
         retry_policy=RetryPolicy(
-            base_delay_seconds=settings.relay_retry_base_delay,
-            max_delay_seconds=settings.relay_retry_max_delay,
-            max_age_seconds=settings.relay_retry_max_age,
+            base_delay_seconds=settings.relay_retry_base_delay_seconds,
+            max_delay_seconds=settings.relay_retry_max_delay_seconds,
+            max_age_seconds=settings.relay_retry_max_age_seconds,
         ),
-        credentials_cooldown_seconds=settings.relay_circuit_cooldown,
+        credentials_cooldown_seconds=settings.relay_circuit_cooldown_seconds,
         rate_limit=settings.relay_rate_limit,
     )
 
@@ -185,7 +185,7 @@ def build_worker(settings: Settings, store: Store) -> Worker:
         url=settings.webhook_url,
         # Re-readable from MOZREST_WEBHOOK_TOKEN_FILE: `publisher.reload_credentials()`.
         token=SecretSource.from_settings(settings, "MOZREST_WEBHOOK_TOKEN"),
-        timeout_seconds=settings.relay_http_timeout,
+        timeout_seconds=settings.relay_http_timeout_seconds,
         concurrency=settings.relay_concurrency,
         transport=settings.relay_http_transport,
     )
@@ -199,7 +199,7 @@ def build_worker(settings: Settings, store: Store) -> Worker:
         send_items=settings.relay_send_items,
         concurrency=settings.relay_concurrency,
         lease_seconds=settings.relay_lease_seconds,
-        http_timeout_seconds=settings.relay_http_timeout,
+        http_timeout_seconds=settings.relay_http_timeout_seconds,
         notify=settings.relay_notify,
     )
     return worker

@@ -16,15 +16,25 @@ from pydantic import (
     field_validator,
 )
 
-from app.models import OUTCOMES, STATUSES
+from app import states
+from app.states import CircuitState, CredentialsState, DeliveryReason, stored_values
 
+# The API spells each state's values out (the OpenAPI schema lists them inline); each is the
+# values of its `app.states` enum, as the asserts below keep it.
 DeliveryStatus = Literal["pending", "retrying", "delivered", "dead", "superseded", "cancelled"]
 Outcome = Literal["queued", "unchanged", "held", "superseded", "invalid"]
 #: The outbox filter: an outcome, or `unprocessed` for rows not decided yet.
 OutboxFilter = Literal[Outcome, "unprocessed"]
 RequeueableStatus = Literal["dead", "cancelled"]
-assert get_args(DeliveryStatus) == STATUSES, "keep DeliveryStatus in step with models.STATUSES"
-assert get_args(Outcome) == OUTCOMES, "keep Outcome in step with models.OUTCOMES"
+Circuit = Literal["closed", "open", "half_open"]
+Credentials = Literal["ok", "rejected"]
+Reason = Literal["change", "replay", "resync"]
+assert get_args(DeliveryStatus) == stored_values(states.DeliveryStatus)
+assert get_args(Outcome) == stored_values(states.Outcome)
+assert set(get_args(RequeueableStatus)) <= set(get_args(DeliveryStatus))
+assert get_args(Circuit) == stored_values(CircuitState)
+assert get_args(Credentials) == stored_values(CredentialsState)
+assert get_args(Reason) == stored_values(DeliveryReason)
 
 
 def _iso(value: datetime) -> str:
@@ -82,7 +92,7 @@ class Delivery(BaseModel):
     venue_paused: bool = Field(
         description="Its venue is paused: nothing is sent for it until the venue resumes."
     )
-    reason: Literal["change", "replay", "resync"] = Field(
+    reason: Reason = Field(
         description="Why it was made: a new state (`change`), an operator's requeue (`replay`), "
         "a venue's resync (`resync`)."
     )
@@ -188,10 +198,10 @@ class Stats(BaseModel):
     oldest_pending_age_seconds: float | None = Field(
         description="Age of the oldest state still waiting to be accepted; null if none waits."
     )
-    circuit: Literal["closed", "open", "half_open"] = Field(
+    circuit: Circuit = Field(
         description="`open` while Mozrest keeps failing for some relay process."
     )
-    credentials: Literal["ok", "rejected"] = Field(
+    credentials: Credentials = Field(
         description="`rejected` while Mozrest answers 401 to the webhook token."
     )
     venues_paused: int = Field(description="Venues paused by an operator.")

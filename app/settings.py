@@ -2,29 +2,37 @@
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import (
-    BeforeValidator,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-from pydantic_settings import (
-    BaseSettings,
-    NoDecode,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from app.access import ADMIN_NAME
+from app.secret_files import SecretFileError, SecretFilesSource, recording_files_read
+from app.settings_values import (
+    ApiTokens,
+    Duration,
+    Flag,
+    StatusSet,
+    format_duration,
+    is_loopback_url,
+    normalise_database_url,
+    parse_duration,
 )
 
-from app.access import ADMIN_NAME, ApiToken, parse_api_tokens
-from app.secret_files import SecretFileError, SecretFilesSource, recording_files_read
+__all__ = [
+    "LEASE_MARGIN_SECONDS",
+    "ConfigError",
+    "Settings",
+    "configuration_markdown",
+    "is_loopback_url",
+    "load_settings",
+    "normalise_database_url",
+    "parse_duration",
+    "variable",
+]
 
 SANDBOX_WEBHOOK_URL = "https://webhooks.pos.sandbox.mozrest.com/rms"
 PRODUCTION_WEBHOOK_URL = "https://webhooks.pos.mozrest.com/rms"
@@ -35,88 +43,16 @@ PRODUCTION_API_URL = "https://api.mozrest.com"
 #: to record the outcome after the request ends. Keep in step with the README's configuration notes.
 LEASE_MARGIN_SECONDS = 1.0
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
 
 class ConfigError(Exception):
     """A configuration value is wrong; the message is one line naming the variable."""
 
 
-def parse_duration(value: object) -> float:
-    """Return seconds for `250ms`, `30s`, `5m`, `12h`, `7d` or plain seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 250ms, 30s, 5m, 12h, 7d or plain seconds")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if not match:
-            raise ValueError("expected a duration such as 250ms, 30s, 5m, 12h, 7d or plain seconds")
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    return seconds
-
-
-def _parse_bool(value: object) -> object:
-    if isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered in {"1", "true", "yes", "on"}:
-            return True
-        if lowered in {"0", "false", "no", "off"}:
-            return False
-        raise ValueError("expected true or false")
-    return value
-
-
-def _parse_statuses(value: object) -> object:
-    if isinstance(value, str):
-        statuses = [part.strip() for part in value.split(",") if part.strip()]
-        if not statuses:
-            raise ValueError("expected a comma-separated list of statuses, such as seated")
-        return frozenset(statuses)
-    return value
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-Flag = Annotated[bool, BeforeValidator(_parse_bool)]
-StatusSet = Annotated[frozenset[str], NoDecode, BeforeValidator(_parse_statuses)]
-ApiTokens = Annotated[tuple[ApiToken, ...], NoDecode, BeforeValidator(parse_api_tokens)]
-
-
-def normalise_database_url(url: str) -> str:
-    """Give a plain database URL the async driver the relay uses for it."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise ValueError("expected a SQLAlchemy URL such as postgresql://user@host/db")
-    scheme = scheme.lower()
-    if scheme in {"postgres", "postgresql", "postgresql+psycopg2", "postgresql+psycopg"}:
-        return f"postgresql+asyncpg://{rest}"
-    if scheme == "sqlite":
-        return f"sqlite+aiosqlite://{rest}"
-    if scheme in {"mysql", "mariadb", "mysql+pymysql", "mariadb+pymysql"}:
-        return f"mysql+asyncmy://{rest}"
-    if scheme in {"postgresql+asyncpg", "sqlite+aiosqlite", "mysql+asyncmy", "mysql+aiomysql"}:
-        return f"{scheme}://{rest}"
-    raise ValueError(
-        f"unsupported database scheme {scheme!r}: use postgresql://, sqlite:/// or mysql://"
-    )
-
-
-def is_loopback_url(url: str) -> bool:
-    """True when the URL's host is a loopback address (the local emulator)."""
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class Settings(BaseSettings):
-    """Every setting of the relay. Field names map one to one to environment variables."""
+    """Every setting of the relay. Each field reads the environment variable of its name, upper
+    case; a duration's field ends in `_seconds` and reads its documented variable, which has no
+    unit (`relay_http_timeout_seconds` reads `RELAY_HTTP_TIMEOUT`): see `variable`.
+    """
 
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", case_sensitive=False, extra="ignore"
@@ -125,6 +61,9 @@ class Settings(BaseSettings):
     _secret_files: dict[str, str] = PrivateAttr(default_factory=dict)
 
     def __init__(self, **values: Any) -> None:
+        # Values given by field name (`relay_http_timeout_seconds=`) or by variable name both
+        # work; the environment itself is read by variable name only.
+        values = {_ALIASES.get(name, name): value for name, value in values.items()}
         try:
             with recording_files_read() as files_read:
                 super().__init__(**values)
@@ -178,18 +117,25 @@ class Settings(BaseSettings):
     relay_send_statuses: StatusSet = Field(
         frozenset({"seated"}), description="Comma-separated statuses that start sending a booking."
     )
-    relay_retry_max_age: Duration = Field(
-        12 * 3600.0, description="After this long without success a delivery is dead."
+    relay_retry_max_age_seconds: Duration = Field(
+        12 * 3600.0,
+        validation_alias="relay_retry_max_age",
+        description="After this long without success a delivery is dead.",
     )
     relay_send_items: Flag = Field(True, description="false strips pre-ordered items (a beta).")
-    relay_retention: Duration = Field(
-        7 * 86400.0, description="How long terminal rows and idle snapshots are kept."
+    relay_retention_seconds: Duration = Field(
+        7 * 86400.0,
+        validation_alias="relay_retention",
+        description="How long terminal rows and idle snapshots are kept.",
     )
-    relay_audit_retention: Duration = Field(
-        365 * 86400.0, description="How long audit rows are kept, whatever RELAY_RETENTION says."
+    relay_audit_retention_seconds: Duration = Field(
+        365 * 86400.0,
+        validation_alias="relay_audit_retention",
+        description="How long audit rows are kept, whatever RELAY_RETENTION says.",
     )
-    relay_payload_retention: Duration = Field(
+    relay_payload_retention_seconds: Duration = Field(
         3 * 86400.0,
+        validation_alias="relay_payload_retention",
         description="Guests' personal fields are erased this long after their booking's "
         "deliveries ended (and outbox rows were processed); the rest stays for RELAY_RETENTION.",
     )
@@ -197,8 +143,10 @@ class Settings(BaseSettings):
         30.0,
         description="How long a claim guards a booking; must exceed RELAY_HTTP_TIMEOUT by 1s.",
     )
-    relay_shutdown_grace: Duration = Field(
-        15.0, description="On SIGTERM, how long in-flight requests may finish before release."
+    relay_shutdown_grace_seconds: Duration = Field(
+        15.0,
+        validation_alias="relay_shutdown_grace",
+        description="On SIGTERM, how long in-flight requests may finish before release.",
     )
     relay_concurrency: int = Field(64, ge=1, le=1024, description="Requests in flight per process.")
     relay_rate_limit: float = Field(
@@ -209,23 +157,39 @@ class Settings(BaseSettings):
         "0: no limit.",
     )
     relay_batch_size: int = Field(200, ge=1, le=5000, description="Rows claimed per statement.")
-    relay_poll_interval: Duration = Field(
-        0.05, description="How often an idle worker looks for new rows."
+    relay_poll_interval_seconds: Duration = Field(
+        0.05,
+        validation_alias="relay_poll_interval",
+        description="How often an idle worker looks for new rows.",
     )
-    relay_http_timeout: Duration = Field(
-        10.0, description="Deadline for one webhook request, connect to last byte."
+    relay_http_timeout_seconds: Duration = Field(
+        10.0,
+        validation_alias="relay_http_timeout",
+        description="Deadline for one webhook request, connect to last byte.",
     )
-    relay_retry_base_delay: Duration = Field(
-        1.0, description="First retry delay; doubles each attempt, with equal jitter."
+    relay_retry_base_delay_seconds: Duration = Field(
+        1.0,
+        validation_alias="relay_retry_base_delay",
+        description="First retry delay; doubles each attempt, with equal jitter.",
     )
-    relay_retry_max_delay: Duration = Field(300.0, description="Longest delay between retries.")
+    relay_retry_max_delay_seconds: Duration = Field(
+        300.0,
+        validation_alias="relay_retry_max_delay",
+        description="Longest delay between retries.",
+    )
     relay_circuit_threshold: int = Field(
         5, ge=1, description="Retryable failures in a row that open the circuit."
     )
-    relay_circuit_cooldown: Duration = Field(
-        10.0, description="Between probes while the circuit is open or credentials are rejected."
+    relay_circuit_cooldown_seconds: Duration = Field(
+        10.0,
+        validation_alias="relay_circuit_cooldown",
+        description="Between probes while the circuit is open or credentials are rejected.",
     )
-    relay_heartbeat_interval: Duration = Field(5.0, description="How often a process checks in.")
+    relay_heartbeat_interval_seconds: Duration = Field(
+        5.0,
+        validation_alias="relay_heartbeat_interval",
+        description="How often a process checks in.",
+    )
     relay_max_payload_bytes: int = Field(
         65536, ge=1024, description="Payloads larger than this (serialised) are invalid."
     )
@@ -236,9 +200,15 @@ class Settings(BaseSettings):
         "aiohttp",
         description="Webhook HTTP client: aiohttp (default, fastest) or httpx (an escape hatch).",
     )
-    relay_pos_tables_cache: Duration = Field(30.0, description="How long POS tables are cached.")
-    relay_console_session: Duration = Field(
-        12 * 3600.0, description="How long an operator console session lasts after sign-in."
+    relay_pos_tables_cache_seconds: Duration = Field(
+        30.0,
+        validation_alias="relay_pos_tables_cache",
+        description="How long POS tables are cached.",
+    )
+    relay_console_session_seconds: Duration = Field(
+        12 * 3600.0,
+        validation_alias="relay_console_session",
+        description="How long an operator console session lasts after sign-in.",
     )
     relay_host: str = Field("127.0.0.1", description="Admin API bind address.")
     relay_port: int = Field(8000, ge=0, le=65535, description="Admin API port.")
@@ -301,11 +271,11 @@ class Settings(BaseSettings):
 
     @field_validator(
         "relay_lease_seconds",
-        "relay_http_timeout",
-        "relay_poll_interval",
-        "relay_heartbeat_interval",
-        "relay_circuit_cooldown",
-        "relay_retry_max_age",
+        "relay_http_timeout_seconds",
+        "relay_poll_interval_seconds",
+        "relay_heartbeat_interval_seconds",
+        "relay_circuit_cooldown_seconds",
+        "relay_retry_max_age_seconds",
     )
     @classmethod
     def _positive(cls, value: float) -> float:
@@ -325,9 +295,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _lease_outlives_request(self) -> Settings:
-        if self.relay_http_timeout + LEASE_MARGIN_SECONDS > self.relay_lease_seconds:
+        if self.relay_http_timeout_seconds + LEASE_MARGIN_SECONDS > self.relay_lease_seconds:
             raise ValueError(
-                f"RELAY_HTTP_TIMEOUT ({self.relay_http_timeout:g}s) must be at least "
+                f"RELAY_HTTP_TIMEOUT ({self.relay_http_timeout_seconds:g}s) must be at least "
                 f"{LEASE_MARGIN_SECONDS:g}s shorter than RELAY_LEASE_SECONDS "
                 f"({self.relay_lease_seconds:g}s), so a claim always outlives its request"
             )
@@ -365,6 +335,21 @@ class Settings(BaseSettings):
             )
 
 
+def variable(field_name: str) -> str:
+    """The environment variable a field reads: `relay_http_timeout_seconds` is read from
+    `RELAY_HTTP_TIMEOUT`, `relay_port` from `RELAY_PORT`."""
+    alias = Settings.model_fields[field_name].validation_alias
+    return (alias if isinstance(alias, str) else field_name).upper()
+
+
+#: Field name to the variable (lower case) it reads, where they differ.
+_ALIASES = {
+    name: field.validation_alias
+    for name, field in Settings.model_fields.items()
+    if isinstance(field.validation_alias, str)
+}
+
+
 def _describe(error: dict[str, Any]) -> str:
     location = [str(part) for part in error.get("loc", ()) if part != "__root__"]
     message = str(error.get("msg", "invalid value"))
@@ -396,23 +381,18 @@ def _default_text(name: str, field: Any) -> str:
         return f"`{','.join(sorted(default))}`"
     if isinstance(default, bool):
         return f"`{str(default).lower()}`"
-    if isinstance(default, float) and name not in {"relay_max_payload_bytes"}:
-        return f"`{_format_seconds(default)}`"
+    if name.endswith("_seconds"):
+        return f"`{format_duration(default)}`"
+    if isinstance(default, float):
+        return f"`{default:g}`"
     return f"`{default}`"
-
-
-def _format_seconds(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds * 1000)}ms"
 
 
 def configuration_markdown() -> str:
     """The configuration reference table, generated from `Settings` so it cannot drift."""
     lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
-        lines.append(f"| `{name.upper()}` | {_default_text(name, field)} | {field.description} |")
+        lines.append(f"| `{variable(name)}` | {_default_text(name, field)} | {field.description} |")
     return "\n".join(lines) + "\n"
 
 

@@ -33,16 +33,16 @@ class WorkerConfig:
         return cls(
             concurrency=settings.relay_concurrency,
             batch_size=settings.relay_batch_size,
-            poll_interval_seconds=settings.relay_poll_interval,
+            poll_interval_seconds=settings.relay_poll_interval_seconds,
             lease_seconds=settings.relay_lease_seconds,
-            http_timeout_seconds=settings.relay_http_timeout,
-            shutdown_grace_seconds=settings.relay_shutdown_grace,
-            heartbeat_interval_seconds=settings.relay_heartbeat_interval,
+            http_timeout_seconds=settings.relay_http_timeout_seconds,
+            shutdown_grace_seconds=settings.relay_shutdown_grace_seconds,
+            heartbeat_interval_seconds=settings.relay_heartbeat_interval_seconds,
             circuit_threshold=settings.relay_circuit_threshold,
-            circuit_cooldown_seconds=settings.relay_circuit_cooldown,
-            retention_seconds=settings.relay_retention,
-            audit_retention_seconds=settings.relay_audit_retention,
-            payload_retention_seconds=settings.relay_payload_retention,
+            circuit_cooldown_seconds=settings.relay_circuit_cooldown_seconds,
+            retention_seconds=settings.relay_retention_seconds,
+            audit_retention_seconds=settings.relay_audit_retention_seconds,
+            payload_retention_seconds=settings.relay_payload_retention_seconds,
         )
 
     @property

@@ -552,7 +552,7 @@ class RelayConfig:
     concurrency: int = field(default_factory=lambda: int(_relay_default("relay_concurrency")))
     batch_size: int = field(default_factory=lambda: int(_relay_default("relay_batch_size")))
     poll_interval: str = field(
-        default_factory=lambda: _seconds_text(_relay_default("relay_poll_interval"))
+        default_factory=lambda: _seconds_text(_relay_default("relay_poll_interval_seconds"))
     )
     notify: bool = False
     transport: str = field(default_factory=lambda: str(_relay_default("relay_http_transport")))

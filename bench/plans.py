@@ -19,13 +19,16 @@ and finally deletes the backlog, still unprocessed, so the next cycle reads its 
 `stale` plans with the statistics of the old rows only (a burst on a large table: autovacuum's
 thresholds leave it unanalysed); cycle `analyzed` runs VACUUM ANALYZE after committing its rows.
 
-Every statement the store sends is captured with its parameters (SQLAlchemy's
-`before_cursor_execute` on the relay's engine). To plan it against real rows, each store call is
-first rehearsed (the same method, its transaction rolled back instead of committed); the captured
-transaction is then replayed statement by statement on a separate asyncpg connection against the
-very state the call found, each distinct statement under `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)`
-and `EXPLAIN (ANALYZE, BUFFERS)` inside a savepoint, and the whole replay is rolled back; then the
-call runs for real and commits, and the next call is rehearsed on its result.
+The statements are the store's named ones (`app.store.toolkit.statement_names()`, the list
+`tests/unit/test_statements.py` prints): each is reported under its name, and the named statements
+a cycle never sent are listed. Each one the store sends is captured with its parameters
+(SQLAlchemy's `before_cursor_execute` on the relay's engine, which names it by the very statement
+object the store's toolkit built), since a plan needs real values. To plan it against real rows,
+each store call is first rehearsed (the same method, its transaction rolled back instead of
+committed); the captured transaction is then replayed statement by statement on a separate asyncpg
+connection against the very state the call found, each distinct statement under `EXPLAIN (ANALYZE,
+BUFFERS, FORMAT JSON)` and `EXPLAIN (ANALYZE, BUFFERS)` inside a savepoint, and the whole replay is
+rolled back; then the call runs for real and commits, and the next call is rehearsed on its result.
 
 Each replay runs with the relay's session settings (read back from the relay's own connection:
 `enable_seqscan=off`, `enable_bitmapscan=off`, see `app/db.py`) and with PostgreSQL's defaults.
@@ -69,6 +72,7 @@ from app.db import create_engine
 from app.policy import Verdict
 from app.settings import Settings, normalise_database_url
 from app.store import AttemptResult, Claim, LeaseRequest, Store
+from app.store.toolkit import Toolkit, statement_names
 from bench.common import (
     PG_HOST,
     PG_PORT,
@@ -266,6 +270,8 @@ class Captured:
     sql: str
     param_sets: list[tuple[Any, ...]]
     executemany: bool
+    name: str | None
+    """The store's name for it (`@statement`), None for one it sends without a name."""
 
 
 @dataclass(slots=True)
@@ -274,6 +280,14 @@ class Capture:
 
     call: str | None = None
     statements: list[Captured] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)
+    """The store's named statements, by the identity of the object its toolkit built."""
+    sent: set[str] = field(default_factory=set)
+    """The names of the statements sent so far."""
+
+    def name_statements(self, tools: Toolkit) -> None:
+        """Know every named statement of `tools` (the relay's store's toolkit) by its object."""
+        self.names = {id(tools.statement(name)): name for name in statement_names()}
 
     def listener(
         self,
@@ -294,8 +308,12 @@ class Capture:
         sets = list(parameters) if executemany else [parameters]
         if any(isinstance(p, dict) for p in sets):
             raise TypeError("expected positional parameters from the asyncpg dialect")
+        compiled = getattr(context, "compiled", None)
+        name = self.names.get(id(getattr(compiled, "statement", None)))
+        if name is not None:
+            self.sent.add(name)
         self.statements.append(
-            Captured(self.call, statement, [tuple(p or ()) for p in sets], executemany)
+            Captured(self.call, statement, [tuple(p or ()) for p in sets], executemany, name)
         )
 
     @contextlib.contextmanager
@@ -644,7 +662,7 @@ def display_sql(sql: str) -> str:
 
 
 def label(call: str, sql: str) -> str:
-    """What a statement is for, in the store's words."""
+    """What a statement the store sends without a name (`@statement`) is for, in its words."""
     s = re.sub(r"\s+", " ", sql)
     if "FROM mozrest_lock" in s:
         return "take the ingest lock (FOR UPDATE SKIP LOCKED)"
@@ -762,7 +780,8 @@ class Cycle:
                 entry = distinct[statement.sql] = {
                     "cycle": self.kind,
                     "call": call,
-                    "label": label(call, statement.sql),
+                    "statement": statement.name,
+                    "label": statement.name or label(call, statement.sql),
                     "position": position,
                     "sql": shown,
                     "sql_chars": len(statement.sql),
@@ -875,6 +894,7 @@ async def drive(
     capture = Capture()
     event.listen(engine.sync_engine, "before_cursor_execute", capture.listener)
     store = RehearsalStore(engine)
+    capture.name_statements(store.tools)
     await store.ping()  # the dialect's first-connect queries, outside any capture
     relay_settings = await relay_session_settings(engine)
     cycle = Cycle(store, capture, database, relay_settings, variants, threshold)
@@ -897,6 +917,7 @@ async def drive(
         },
         "cycles": cycles,
         "calls": cycle.calls,
+        "statements_not_sent": sorted(set(statement_names()) - capture.sent),
     }
 
 
@@ -1016,6 +1037,8 @@ def print_summary(report: dict[str, Any]) -> None:
     print("\nPlans that differ from the relay's:", file=out)
     for line in _differences(report) or ["none"]:
         print(f"  {line}", file=out)
+    print("\nNamed statements no cycle sent (not planned here):", file=out)
+    print(f"  {', '.join(report['statements_not_sent']) or 'none'}", file=out)
     print(f"\ndatabase {report['database']} dropped: {report['database_dropped']}", file=out)
 
 
@@ -1078,6 +1101,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"- {line}" for line in _flagged(report)] or ["- none"]
     lines += ["", "## Plans that differ from the relay's", ""]
     lines += [f"- {line}" for line in _differences(report)] or ["- none"]
+    lines += ["", "## Named statements no cycle sent (not planned here)", ""]
+    lines += [f"- `{name}`" for name in report["statements_not_sent"]] or ["- none"]
     for section in report["calls"]:
         lines += [
             "",

@@ -19,6 +19,7 @@ from app.console.views import SECURITY_HEADERS, message, query
 from app.deps import AppContext, ContextDep
 from app.logs import get_logger, log_event
 from app.settings import parse_duration
+from app.states import DeliveryStatus
 from app.store import ConflictError, NotFoundError
 from app.text import storable
 
@@ -91,7 +92,7 @@ async def retry_matching(request: Request, context: ContextDep, session: Session
         200,
         "Requeued",
         f"Requeued {requeued} deliveries: they will be sent again shortly.",
-        link=f"/console/deliveries?{query(wanted.raw, status='pending')}",
+        link=f"/console/deliveries?{query(wanted.raw, status=DeliveryStatus.PENDING)}",
         link_text="See them",
     )
 
@@ -102,7 +103,7 @@ async def retry_group(
 ) -> Response:
     group = await find_group(context, key)
     target = json.dumps(
-        {"status": "dead", "group": group.cause if group is not None else key},
+        {"status": DeliveryStatus.DEAD, "group": group.cause if group is not None else key},
         separators=(",", ":"),
     )
     refusal, audit = await _guard(request, context, session, csrf, "deliveries.retry_bulk", target)
@@ -111,7 +112,7 @@ async def retry_group(
     if group is None:
         return message(request, 404, "No such group", "This failure group has no deliveries now.")
     requeued = await context.store.requeue_deliveries(
-        status="dead", delivery_ids=group.dead_ids, audit=audit
+        status=DeliveryStatus.DEAD, delivery_ids=group.dead_ids, audit=audit
     )
     log_event(log, logging.INFO, "deliveries.requeued", actor=session.name, requeued=requeued)
     return message(

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 
 from app.models import STATUSES
-from app.routes import decode_cursor
+from app.routes_common import decode_cursor
 from app.store.admin import REQUEUEABLE_STATUSES
 
 #: Rows per list page.

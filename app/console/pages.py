@@ -16,11 +16,14 @@ from app.console.views import STATIC, field_changes, message, render
 from app.deps import AppContext, ContextDep
 from app.models import OUTCOMES, STATUSES
 from app.partner_api import PartnerApiError
-from app.routes import WORKER_SEEN_HEARTBEATS, encode_cursor, match_tables
+from app.routes import WORKER_SEEN_HEARTBEATS
 from app.routes_access import AuditAction
+from app.routes_common import encode_cursor
+from app.routes_pos import match_tables, pos_tables_of
 from app.routes_venues import encode_venue_cursor
 from app.schemas import PosTables
 from app.settings import parse_duration
+from app.states import CircuitState, CredentialsState, DeliveryStatus
 from app.store import NotFoundError
 from app.store.console import FailureGroup
 
@@ -64,15 +67,15 @@ def _notice(request: Request) -> str | None:
 async def overview(request: Request, context: ContextDep, session: SessionDep) -> Response:
     from app.api import readiness_checks  # app.api mounts this router: import when called
 
-    heartbeat = context.settings.relay_heartbeat_interval
+    heartbeat = context.settings.relay_heartbeat_interval_seconds
     checks = await readiness_checks(context)
     gauges = await context.store.gauges(
         stale_after_seconds=3 * heartbeat, status_count_cap=STATUS_COUNT_CAP
     )
     circuit, credentials = gauges.circuit, gauges.credentials
-    if context.worker is not None and context.worker.circuit_state != "closed":
+    if context.worker is not None and context.worker.circuit_state != CircuitState.CLOSED:
         circuit = context.worker.circuit_state
-    if context.worker is not None and context.worker.credentials_state != "ok":
+    if context.worker is not None and context.worker.credentials_state != CredentialsState.OK:
         credentials = context.worker.credentials_state
     workers = await context.store.list_workers(
         seen_within_seconds=WORKER_SEEN_HEARTBEATS * heartbeat
@@ -194,7 +197,7 @@ async def confirm_retry_group(
     if group is None:
         return message(request, 404, "No such group", "This failure group has no deliveries now.")
     count = await context.store.console.count_requeueable(
-        status="dead", delivery_ids=group.dead_ids
+        status=DeliveryStatus.DEAD, delivery_ids=group.dead_ids
     )
     return render(
         request,
@@ -242,7 +245,7 @@ async def _state_before(
     older = [
         d
         for d in record.deliveries
-        if d["status"] == "delivered" and d["outbox_id"] < row["outbox_id"]
+        if d["status"] == DeliveryStatus.DELIVERED and d["outbox_id"] < row["outbox_id"]
     ]
     if not older:
         return None, None
@@ -367,10 +370,8 @@ async def venues_page(request: Request, context: ContextDep, session: SessionDep
 
 async def _tables(request: Request, context: AppContext, venue_id: str) -> dict[str, Any]:
     """The venue's POS tables and the table-matching report, or Mozrest's failure."""
-    from app.routes import _pos_tables  # the API's cached call: one cache for both
-
     try:
-        pos: PosTables = await _pos_tables(request, context, venue_id)
+        pos: PosTables = await pos_tables_of(request, context, venue_id)  # the API's cache
     except HTTPException as exc:
         return {"error": str(exc.detail)}
     except PartnerApiError as exc:

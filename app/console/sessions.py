@@ -27,6 +27,7 @@ from app.console.views import SECURITY_HEADERS, message, render
 from app.deps import ContextDep, require_schema
 from app.logs import get_logger, log_event
 from app.settings import Settings
+from app.states import AuditResult
 from app.store import AuditEntry
 
 log = get_logger("console")
@@ -140,7 +141,7 @@ async def refuse_write(
     client = request.client.host if request.client is not None else None
     await context.store.audit.record_alone(
         session.audit(action, target, client),
-        result="refused",
+        result=AuditResult.REFUSED,
         detail={"status": 403, "reason": "needs the operator role", "role": session.role},
     )
     log_event(log, logging.WARNING, "console.refused", actor=session.name, action=action)
@@ -206,7 +207,7 @@ async def sign_in(
         _set_cookie(request, response, SIGN_IN_COOKIE, fresh, 3600)
         return response
     session_id = secrets.token_urlsafe(32)
-    lifetime = settings.relay_console_session
+    lifetime = settings.relay_console_session_seconds
     await context.store.sessions.open(
         session_id, token_name=principal.name, role=principal.role, lifetime_seconds=lifetime
     )

@@ -18,10 +18,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db import translate_errors
 from app.models import ACTIVE_STATUSES, STATUSES, attempt, booking, delivery, outbox, venue, worker
+from app.states import CircuitState, CredentialsState, DeliveryStatus
 from app.store.toolkit import Toolkit
 
 #: Statuses an operator may requeue, and the ones that may be cancelled.
-REQUEUEABLE_STATUSES = ("dead", "cancelled")
+REQUEUEABLE_STATUSES = (DeliveryStatus.DEAD, DeliveryStatus.CANCELLED)
 CANCELLABLE_STATUSES = ACTIVE_STATUSES
 #: Deliveries per transaction of a bulk requeue: short transactions, short booking locks.
 REQUEUE_BATCH_SIZE = 500
@@ -140,8 +141,8 @@ class AdminQueries:
         ).all()
         return FleetHealth(
             live_workers=len(rows),
-            circuit_open=any(r.circuit != "closed" for r in rows),
-            credentials_rejected=any(r.credentials != "ok" for r in rows),
+            circuit_open=any(r.circuit != CircuitState.CLOSED for r in rows),
+            credentials_rejected=any(r.credentials != CredentialsState.OK for r in rows),
             request_rate=sum(r.request_rate for r in rows),
         )
 
@@ -194,8 +195,10 @@ class AdminQueries:
             oldest_pending_age_seconds=(
                 max(0.0, (now - oldest).total_seconds()) if oldest is not None else None
             ),
-            circuit="open" if fleet.circuit_open else "closed",
-            credentials="rejected" if fleet.credentials_rejected else "ok",
+            circuit=str(CircuitState.OPEN if fleet.circuit_open else CircuitState.CLOSED),
+            credentials=str(
+                CredentialsState.REJECTED if fleet.credentials_rejected else CredentialsState.OK
+            ),
             live_workers=fleet.live_workers,
             venues_paused=int(venues_paused),
             request_rate=fleet.request_rate,

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db import clock_now, translate_errors
 from app.models import audit
+from app.states import AuditResult
 from app.store.admin import ConflictError, NotFoundError, Record
 from app.store.toolkit import Toolkit
 
@@ -158,12 +159,12 @@ class Audit:
                 change = Change(conn)
                 yield change
                 if entry is not None:
-                    await record_entry(conn, entry, result="ok", detail=change.detail)
+                    await record_entry(conn, entry, result=AuditResult.OK, detail=change.detail)
         except (ConflictError, NotFoundError) as exc:
             if entry is not None:
                 await self.record_alone(
                     entry,
-                    result="refused",
+                    result=AuditResult.REFUSED,
                     detail={
                         "status": 409 if isinstance(exc, ConflictError) else 404,
                         "reason": str(exc),

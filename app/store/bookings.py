@@ -16,7 +16,7 @@ from sqlalchemy import bindparam, case, null, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.models import ACTIVE_STATUSES, booking, delivery, outbox
-from app.policy import Outcome
+from app.states import DeliveryStatus, Outcome
 from app.store.records import Claim
 from app.store.toolkit import Toolkit, statement
 
@@ -167,7 +167,7 @@ def _supersede(tools: Toolkit) -> Any:
     return (
         update(delivery)
         .where(tools.in_param(delivery.c.id, "ids"))
-        .values(status="superseded", updated_at=bindparam("now"), next_attempt_at=None)
+        .values(status=DeliveryStatus.SUPERSEDED, updated_at=bindparam("now"), next_attempt_at=None)
     )
 
 
@@ -204,7 +204,7 @@ def _hold(tools: Toolkit) -> Any:
         update(delivery)
         .where(tools.in_param(delivery.c.id, "ids"))
         .values(
-            status="superseded",
+            status=DeliveryStatus.SUPERSEDED,
             updated_at=bindparam("now"),
             next_attempt_at=None,
             last_error=HELD_FIRST_CANCELLATION,
@@ -283,7 +283,7 @@ async def wake_queued(
         for deliveries in bookings
         for d in deliveries
         if d.id not in done
-        and d.status == "pending"
+        and d.status == DeliveryStatus.PENDING
         and not leased(d, now)
         and d.next_attempt_at is not None
         and d.next_attempt_at > now

@@ -18,6 +18,7 @@ from sqlalchemy import case, func, select
 
 from app.db import translate_errors
 from app.models import attempt, booking, delivery, venue
+from app.states import DeliveryStatus
 from app.store.admin import REQUEUE_BATCH_SIZE
 from app.store.audit import Audit
 from app.store.replay import Replays, requeue_candidates
@@ -140,7 +141,7 @@ class ConsoleQueries:
             rows = await conn.execute(
                 select(bucket, func.count())
                 .where(
-                    delivery.c.status == "delivered",
+                    delivery.c.status == DeliveryStatus.DELIVERED,
                     # `updated_at` is indexed and never older than `delivered_at`.
                     delivery.c.updated_at >= start,
                     delivery.c.delivered_at >= start,

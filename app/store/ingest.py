@@ -3,7 +3,8 @@
 One ingester at a time: a batch holds the `ingest` row of `mozrest_lock` (`FOR UPDATE SKIP
 LOCKED`; SQLite's `BEGIN IMMEDIATE` is the same thing), so rows are decided in id order. Each
 batch reads the rows and their bookings, decides every booking's newest state with
-`policy.decide` (and, when it may lease, `policy.plan_lease`), then writes.
+`policy.decide` (and, when it may lease, `policy.plan_lease`), then writes
+(`app.store.ingest_writes`).
 
 A batch the database refuses for a reason of its rows (not an outage: `db.is_outage`) is taken
 again one row at a time, and the row that fails alone is set aside as `invalid`: one odd row
@@ -13,22 +14,18 @@ never stalls the rows behind it (docs/reliability.md).
 from __future__ import annotations
 
 import logging
-import uuid
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
     Integer,
     LargeBinary,
     Text,
     bindparam,
     cast,
-    func,
-    insert,
     select,
     update,
 )
@@ -38,19 +35,17 @@ from app import tracing
 from app.contract import ContractError, State, parse_row
 from app.db import clock_now, is_outage, is_row_fault, translate_errors
 from app.logs import get_logger, log_event
-from app.models import booking, delivery, outbox
-from app.policy import BookingView, Decision, Outcome, Waiting, decide, plan_lease
+from app.models import outbox
+from app.policy import BookingView, Decision, Waiting, decide, plan_lease
+from app.states import DeliveryStatus, Outcome
 from app.store import bookings
+from app.store.ingest_writes import RowOutcome, Writes, write_batch
 from app.store.rate import RateLimit
-from app.store.records import Claim, IngestReport, LeaseRequest
+from app.store.records import IngestReport, LeaseRequest
 from app.store.toolkit import RowsRefused, Toolkit, statement
-from app.store.venues import Rules, VenueRules, add_seen, paused_now
-from app.text import storable
+from app.store.venues import Rules, VenueRules, paused_now
 
 log = get_logger("store")
-
-#: An outcome and, for `invalid` (or a held state with a note), the row's `error`.
-RowOutcome = tuple[Outcome, str | None]
 
 
 @dataclass(slots=True)
@@ -66,17 +61,6 @@ class _Batch:
     before the seated state left, is sent as finished)."""
     paused: set[str] = field(default_factory=set)
     """Venues paused now: their new deliveries are parked."""
-
-
-@dataclass(slots=True)
-class _Writes:
-    """What deciding a batch will write."""
-
-    new_bookings: list[dict[str, Any]] = field(default_factory=list)
-    touched_bookings: list[dict[str, Any]] = field(default_factory=list)
-    new_deliveries: list[dict[str, Any]] = field(default_factory=list)
-    superseded: list[Any] = field(default_factory=list)
-    leasable: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
 
 
 @statement("ingest.unprocessed")
@@ -114,66 +98,6 @@ def _set_aside_statement(tools: Toolkit) -> Any:
         .values(
             processed_at=bindparam("now"), outcome=str(Outcome.INVALID), error=bindparam("error")
         )
-    )
-
-
-@statement("ingest.mark_processed")
-def _mark_processed_statement(tools: Toolkit) -> Any:
-    return (
-        update(outbox)
-        .where(tools.in_param(outbox.c.id, "ids"))
-        .values(processed_at=bindparam("now"), outcome=bindparam("outcome"))
-    )
-
-
-@statement("ingest.mark_processed_with_error")
-def _mark_with_error_statement(tools: Toolkit) -> Any:
-    return (
-        update(outbox)
-        .where(outbox.c.id == bindparam("o_id"))
-        .values(
-            processed_at=bindparam("now"),
-            outcome=bindparam("o_outcome"),
-            error=bindparam("o_error"),
-        )
-    )
-
-
-@statement("ingest.insert_bookings")
-def _insert_bookings(tools: Toolkit) -> Any:
-    return insert(booking)
-
-
-@statement("ingest.update_bookings")
-def _update_bookings(tools: Toolkit) -> Any:
-    return (
-        update(booking)
-        .where(booking.c.booking_id == bindparam("b_booking_id"))
-        .values(
-            last_outbox_id=bindparam("b_last_outbox_id"),
-            sent_outbox_id=func.coalesce(
-                bindparam("b_sent_outbox_id", type_=BigInteger), booking.c.sent_outbox_id
-            ),
-            reached_send_status=bindparam("b_reached_send_status"),
-            updated_at=bindparam("now"),
-        )
-    )
-
-
-@statement("ingest.insert_deliveries")
-def _insert_deliveries_statement(tools: Toolkit) -> Any:
-    return insert(delivery)
-
-
-@statement("ingest.insert_deliveries_returning")
-def _insert_returning(tools: Toolkit) -> Any:
-    return insert(delivery).returning(delivery.c.id, delivery.c.outbox_id)
-
-
-@statement("ingest.deliveries_of_bookings")
-def _deliveries_of_bookings(tools: Toolkit) -> Any:
-    return select(delivery.c.id, delivery.c.outbox_id).where(
-        tools.in_param(delivery.c.booking_id, "ids")
     )
 
 
@@ -307,13 +231,22 @@ class Ingest:
             conn,
             (row.venue_id for row, _ in batch.newest.values() if row.venue_id in rules.paused),
         )
-        writes = _Writes()
+        writes = Writes()
         for booking_id in sorted(batch.newest):
             self._decide_booking(
                 batch, booking_id, known.get(booking_id), active[booking_id], writes,
                 may_lease=lease is not None and booking_id not in undecided,
             )  # fmt: skip
-        claims = await self._write(conn, batch, known, writes, lease)
+        claims = await write_batch(
+            self.tools,
+            conn,
+            writes,
+            now=batch.now,
+            outcomes=batch.outcomes,
+            known=known,
+            lease=lease,
+            rate=self.rate,
+        )
         return IngestReport(
             rows=len(rows),
             outcomes=Counter(str(outcome) for outcome, _ in batch.outcomes.values()),
@@ -327,7 +260,7 @@ class Ingest:
         booking_id: str,
         known: Any,
         active: list[Any],
-        writes: _Writes,
+        writes: Writes,
         *,
         may_lease: bool,
     ) -> None:
@@ -404,7 +337,7 @@ class Ingest:
             "venue_id": row.venue_id,
             "outbox_id": row.id,
             "payload": state,
-            "status": "pending",
+            "status": DeliveryStatus.PENDING,
             "attempt_count": 0,
             "changed_fields": decision.changed_fields,
             "warnings": decision.warnings,
@@ -419,121 +352,3 @@ class Ingest:
                 row.traceparent, booking_id=row.booking_id, venue_id=row.venue_id, outbox_id=row.id
             ),
         }
-
-    async def _write(
-        self,
-        conn: AsyncConnection,
-        batch: _Batch,
-        known: dict[str, Any],
-        writes: _Writes,
-        lease: LeaseRequest | None,
-    ) -> list[Claim]:
-        """Write the batch's decisions; lease what the worker has slots for."""
-        now = batch.now
-        leased: dict[int, dict[str, Any]] = {}
-        token = uuid.uuid4().hex
-        expires = now + timedelta(seconds=lease.seconds) if lease is not None else now
-        if lease is not None and writes.leasable:
-            writes.leasable.sort(key=lambda pair: pair[0]["outbox_id"])  # oldest states first
-            granted = await self.rate.take(conn, lease.grant(len(writes.leasable)), now)
-            for delivery_row, values in writes.leasable[:granted]:
-                delivery_row.update(
-                    lease_owner=lease.worker_id,
-                    lease_token=token,
-                    lease_expires_at=expires,
-                    next_attempt_at=expires,
-                )
-                leased[delivery_row["outbox_id"]] = delivery_row
-                values["sent_outbox_id"] = delivery_row["outbox_id"]
-        if writes.new_bookings:
-            await add_seen(self.tools, conn, (b["venue_id"] for b in writes.new_bookings), now)
-            await conn.execute(
-                self.tools.statement("ingest.insert_bookings"),
-                [dict(b, created_at=now, updated_at=now) for b in writes.new_bookings],
-            )
-        if writes.touched_bookings:
-            await conn.execute(
-                self.tools.statement("ingest.update_bookings"),
-                [
-                    {
-                        "b_booking_id": b["booking_id"],
-                        "b_last_outbox_id": b["last_outbox_id"],
-                        "b_sent_outbox_id": b["sent_outbox_id"],
-                        "b_reached_send_status": b["reached_send_status"],
-                        "now": now,
-                    }
-                    for b in writes.touched_bookings
-                ],
-            )
-        await bookings.supersede(self.tools, conn, writes.superseded, now)
-        claims: list[Claim] = []
-        if writes.new_deliveries:
-            ids = await self._insert_deliveries(conn, writes.new_deliveries, want=leased)
-            claims = [
-                Claim(
-                    delivery_id=ids[outbox_id],
-                    booking_id=d["booking_id"],
-                    venue_id=d["venue_id"],
-                    outbox_id=outbox_id,
-                    payload=d["payload"],
-                    attempt_count=0,
-                    created_at=now,
-                    outbox_created_at=d["outbox_created_at"],
-                    retry_window_started_at=now,
-                    lease_token=token,
-                    lease_expires_at=expires,
-                    previous_sent_outbox_id=(
-                        known[d["booking_id"]].sent_outbox_id if d["booking_id"] in known else None
-                    ),
-                    traceparent=d["traceparent"],
-                )
-                for outbox_id, d in leased.items()
-            ]
-        await self._mark_processed(conn, batch.outcomes, now)
-        return claims
-
-    async def _insert_deliveries(
-        self, conn: AsyncConnection, rows: list[dict[str, Any]], *, want: Iterable[int]
-    ) -> dict[int, int]:
-        """Insert deliveries; return the ids of those whose outbox ids are in `want`."""
-        wanted = set(want)
-        if not wanted:
-            await conn.execute(self.tools.statement("ingest.insert_deliveries"), rows)
-            return {}
-        if self.tools.engine.dialect.insert_executemany_returning:
-            result = await conn.execute(
-                self.tools.statement("ingest.insert_deliveries_returning"), rows
-            )
-            return {r.outbox_id: r.id for r in result if r.outbox_id in wanted}
-        await conn.execute(self.tools.statement("ingest.insert_deliveries"), rows)  # no RETURNING
-        found = await conn.execute(
-            self.tools.statement("ingest.deliveries_of_bookings"),
-            {"ids": sorted({r["booking_id"] for r in rows})},
-        )
-        return {r.outbox_id: r.id for r in found if r.outbox_id in wanted}
-
-    async def _mark_processed(
-        self, conn: AsyncConnection, outcomes: dict[int, RowOutcome], now: datetime
-    ) -> None:
-        by_outcome: dict[Outcome, list[int]] = defaultdict(list)
-        errors: list[dict[str, Any]] = []
-        for row_id, (outcome, error) in outcomes.items():
-            if error is None:
-                by_outcome[outcome].append(row_id)
-            else:
-                # The error can quote a key of the row: stored only as storable text.
-                errors.append(
-                    {
-                        "o_id": row_id,
-                        "o_outcome": str(outcome),
-                        "o_error": storable(error),
-                        "now": now,
-                    }
-                )
-        for outcome, ids in by_outcome.items():
-            await conn.execute(
-                self.tools.statement("ingest.mark_processed"),
-                {"ids": ids, "now": now, "outcome": str(outcome)},
-            )
-        if errors:
-            await conn.execute(self.tools.statement("ingest.mark_processed_with_error"), errors)

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db import translate_errors
 from app.models import ACTIVE_STATUSES, delivery
+from app.states import AuditResult, DeliveryReason, DeliveryStatus
 from app.store.admin import (
     CANCELLABLE_STATUSES,
     REQUEUE_BATCH_SIZE,
@@ -139,7 +140,9 @@ class Replays:
                 ).all()
                 if not candidates:
                     if audit is not None and audit_id is None:
-                        await record_entry(conn, audit, result="ok", detail={"requeued": 0})
+                        await record_entry(
+                            conn, audit, result=AuditResult.OK, detail={"requeued": 0}
+                        )
                     return requeued
                 after_id = candidates[-1].id
                 bookings = await lock_bookings(self.tools, conn, (c.booking_id for c in candidates))
@@ -163,7 +166,7 @@ class Replays:
                 if audit is not None:
                     if audit_id is None:
                         audit_id = await record_entry(
-                            conn, audit, result="ok", detail={"requeued": requeued}
+                            conn, audit, result=AuditResult.OK, detail={"requeued": requeued}
                         )
                     else:
                         await update_detail(conn, audit_id, {"requeued": requeued})
@@ -186,7 +189,7 @@ class Replays:
                     select(delivery.c.booking_id, func.max(delivery.c.outbox_id))
                     .where(
                         delivery.c.booking_id.in_(sorted({r.booking_id for r in rows})),
-                        delivery.c.status.in_((*ACTIVE_STATUSES, "delivered")),
+                        delivery.c.status.in_((*ACTIVE_STATUSES, DeliveryStatus.DELIVERED)),
                     )
                     .group_by(delivery.c.booking_id)
                 )
@@ -227,11 +230,11 @@ class Replays:
             update(delivery)
             .where(delivery.c.id.in_(ids), delivery.c.status == status)
             .values(
-                status="pending",
+                status=DeliveryStatus.PENDING,
                 next_attempt_at=now,
                 # A replay gets a fresh RELAY_RETRY_MAX_AGE window (`RetryPolicy.settle`).
                 requeued_at=now,
-                reason="replay",
+                reason=DeliveryReason.REPLAY,
                 lease_owner=None,
                 lease_token=None,
                 lease_expires_at=None,
@@ -272,7 +275,7 @@ class Replays:
                 update(delivery)
                 .where(delivery.c.id == delivery_id)
                 .values(
-                    status="cancelled",
+                    status=DeliveryStatus.CANCELLED,
                     next_attempt_at=None,
                     lease_owner=None,
                     lease_token=None,

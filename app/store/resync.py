@@ -17,6 +17,7 @@ from sqlalchemy import LargeBinary, Text, cast, insert, select
 from app.contract import ContractError, parse_row
 from app.db import translate_errors
 from app.models import booking, delivery, outbox, venue
+from app.states import DeliveryReason, DeliveryStatus
 from app.store.admin import NotFoundError
 from app.store.audit import Audit, AuditEntry
 from app.store.bookings import active_deliveries, lock_bookings, quiet_until
@@ -140,7 +141,7 @@ class Resync:
                     "venue_id": row.venue_id,
                     "outbox_id": row.id,
                     "payload": state,
-                    "status": "pending",
+                    "status": DeliveryStatus.PENDING,
                     "attempt_count": 0,
                     "changed_fields": [],
                     "warnings": [],
@@ -150,7 +151,7 @@ class Resync:
                     if paused
                     else quiet_until(bookings[row.booking_id], now),
                     "outbox_created_at": row.created_at,
-                    "reason": "resync",
+                    "reason": DeliveryReason.RESYNC,
                 }
             )
         if new:

@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db import translate_errors
 from app.models import ACTIVE_STATUSES, delivery, venue
+from app.states import DeliveryStatus
 from app.store.admin import NotFoundError, Record
 from app.store.audit import Audit, AuditEntry
 from app.store.toolkit import Toolkit, statement
@@ -208,7 +209,7 @@ class Venues:
         if not venue_ids:
             return {}
         found: dict[str, dict[str, Any]] = {v: _no_counts() for v in venue_ids}
-        statuses = (*ACTIVE_STATUSES, "dead")
+        statuses = (*ACTIVE_STATUSES, DeliveryStatus.DEAD)
         rows = await conn.execute(
             select(delivery.c.venue_id, delivery.c.status, func.count())
             .where(self.tools.in_(delivery.c.venue_id, venue_ids), delivery.c.status.in_(statuses))
@@ -220,7 +221,7 @@ class Venues:
             select(delivery.c.venue_id, func.count())
             .where(
                 self.tools.in_(delivery.c.venue_id, venue_ids),
-                delivery.c.status == "dead",
+                delivery.c.status == DeliveryStatus.DEAD,
                 delivery.c.updated_at >= now - DEAD_WINDOW,
             )
             .group_by(delivery.c.venue_id)
@@ -322,4 +323,5 @@ class Venues:
 
 
 def _no_counts() -> dict[str, Any]:
-    return {"deliveries": {status: 0 for status in (*ACTIVE_STATUSES, "dead")}, "dead_last_hour": 0}
+    statuses = (*ACTIVE_STATUSES, str(DeliveryStatus.DEAD))
+    return {"deliveries": {status: 0 for status in statuses}, "dead_last_hour": 0}

@@ -650,7 +650,7 @@ async def test_pos_tables_are_fetched_and_cached(database_url: str, launcher: La
         database_url,
         mozrest_api_url=emulator.url,
         mozrest_api_key=API_KEY,
-        relay_pos_tables_cache=0.001,
+        relay_pos_tables_cache_seconds=0.001,
     ) as api:
         fresh = (await api.client.get("/api/venues/v1/pos-tables")).json()
         assert fresh["count"] == 1 and fresh["tables"] == TABLES[:1]

@@ -240,7 +240,7 @@ async def test_a_state_equal_to_the_accepted_one_is_unchanged_and_not_sent(relay
 #: on a loaded machine (at 500 ms, a busy CI machine sometimes landed it first); the timeout and
 #: lease are raised to match so the slow request is not itself a failure.
 SLOW_WIRE_MS = 2500
-SLOW_WIRE: dict[str, float] = {"relay_http_timeout": 6.0, "relay_lease_seconds": 10.0}
+SLOW_WIRE: dict[str, float] = {"relay_http_timeout_seconds": 6.0, "relay_lease_seconds": 10.0}
 
 
 async def test_returning_to_the_accepted_state_sends_nothing_and_supersedes_the_queued_one(
@@ -359,7 +359,7 @@ async def test_server_errors_are_retried_with_backoff_until_accepted(relay: Rela
 
     requests = await relay.requests("bk-500")
     assert [r["status_code"] for r in requests] == [500, 500, 500, 200]
-    base = FAST["relay_retry_base_delay"]
+    base = FAST["relay_retry_base_delay_seconds"]
     for n, (before, after) in enumerate(itertools.pairwise(requests)):
         # Full jitter keeps at least half of base * 2**n.
         assert after["arrival_ns"] - before["finished_ns"] >= base * 2**n / 2 * 1e9
@@ -386,9 +386,9 @@ async def test_retry_after_on_429_is_honoured(relay: Relay) -> None:
 async def test_the_shortest_lease_start_up_accepts_still_sends(relay: Relay) -> None:
     """RELAY_LEASE_SECONDS exactly RELAY_HTTP_TIMEOUT + 1s passes the start-up check (SPEC 3.3),
     so a worker configured so must deliver, not claim and release forever."""
-    settings = relay.settings(relay_lease_seconds=2.0, relay_http_timeout=1.0)
-    assert settings.relay_lease_seconds - settings.relay_http_timeout == 1.0
-    await relay.start(relay_lease_seconds=2.0, relay_http_timeout=1.0)
+    settings = relay.settings(relay_lease_seconds=2.0, relay_http_timeout_seconds=1.0)
+    assert settings.relay_lease_seconds - settings.relay_http_timeout_seconds == 1.0
+    await relay.start(relay_lease_seconds=2.0, relay_http_timeout_seconds=1.0)
     wanted = state("bk-short-lease")
     (row_id,) = await relay.insert(wanted)
     await relay.wait_landed(wanted, timeout=3)
@@ -442,7 +442,7 @@ async def test_rejected_credentials_pause_dispatch_without_dead_letters(relay: R
     during = await relay.requests()
     deliveries = await relay.deliveries()
 
-    cooldown = FAST["relay_circuit_cooldown"]
+    cooldown = FAST["relay_circuit_cooldown_seconds"]
     assert len(during) <= len(wanted) + outage / cooldown + 2, len(during)
     assert {d.status for d in deliveries} <= {"pending", "retrying"}
     # After the first burst, requests come no faster than one per cool-down.
@@ -518,7 +518,7 @@ async def test_retry_max_age_ends_a_failing_delivery_dead(relay: Relay) -> None:
     """With RELAY_RETRY_MAX_AGE=1s and Mozrest failing for good, the delivery ends `dead`, not
     before its age passed, and no request follows."""
     await relay.set_faults(status=503)
-    await relay.start(relay_retry_max_age=1.0)
+    await relay.start(relay_retry_max_age_seconds=1.0)
     (row_id,) = await relay.insert(state("bk-old"))
     dead = await relay.wait_status(row_id, "dead", timeout=4)
     assert dead.attempt_count >= 2
@@ -668,8 +668,8 @@ async def main(url, cycles, grace):
     engine = create_engine(url)
     settings = Settings(
         _env_file=None, database_url=url, mozrest_webhook_url="http://127.0.0.1:9/rms",
-        relay_poll_interval=0.005, relay_heartbeat_interval=0.01, relay_shutdown_grace=grace,
-        relay_lease_seconds=3, relay_http_timeout=1,
+        relay_poll_interval_seconds=0.005, relay_heartbeat_interval_seconds=0.01,
+        relay_shutdown_grace_seconds=grace, relay_lease_seconds=3, relay_http_timeout_seconds=1,
     )
     pace = random.Random(7)
     for cycle in range(cycles):
@@ -747,7 +747,7 @@ async def test_a_loop_that_dies_of_a_bug_stops_the_worker_and_loses_nothing(
     (outbox_id,) = await relay.insert(payload)
     try:
         with pytest.raises(WorkerFailed, match="simulated bug while recording"):
-            await asyncio.wait_for(worker.run(), timeout=settings.relay_shutdown_grace + 5)
+            await asyncio.wait_for(worker.run(), timeout=settings.relay_shutdown_grace_seconds + 5)
     finally:
         await worker.publisher.aclose()
     failures = [r for r in caplog.records if r.getMessage() == "worker.loop_failed"]
@@ -778,7 +778,7 @@ async def test_a_worker_stopped_during_a_database_outage_stops_cleanly(relay: Re
     await asyncio.sleep(0.5)  # the loops are retrying
     worker.stop()
     try:
-        await asyncio.wait_for(task, timeout=settings.relay_shutdown_grace + 5)
+        await asyncio.wait_for(task, timeout=settings.relay_shutdown_grace_seconds + 5)
     finally:
         await worker.publisher.aclose()
     assert worker.failure is None

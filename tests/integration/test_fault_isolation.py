@@ -31,16 +31,16 @@ from tests.factories import state
 
 TOKEN = "test-token"
 FAST: dict[str, Any] = {
-    "relay_poll_interval": 0.02,
-    "relay_retry_base_delay": 0.05,
-    "relay_retry_max_delay": 0.2,
+    "relay_poll_interval_seconds": 0.02,
+    "relay_retry_base_delay_seconds": 0.05,
+    "relay_retry_max_delay_seconds": 0.2,
     "relay_circuit_threshold": 50,
-    "relay_circuit_cooldown": 0.3,
+    "relay_circuit_cooldown_seconds": 0.3,
     "relay_lease_seconds": 3.0,
-    "relay_http_timeout": 1.0,
-    "relay_shutdown_grace": 2.0,
-    "relay_heartbeat_interval": 1.0,
-    "relay_retry_max_age": 3600.0,
+    "relay_http_timeout_seconds": 1.0,
+    "relay_shutdown_grace_seconds": 2.0,
+    "relay_heartbeat_interval_seconds": 1.0,
+    "relay_retry_max_age_seconds": 3600.0,
 }
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 

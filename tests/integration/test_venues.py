@@ -108,12 +108,12 @@ async def test_time_spent_paused_never_makes_a_delivery_dead(relay: Relay) -> No
     """A delivery paused longer than RELAY_RETRY_MAX_AGE is sent on resume, not dead."""
     store = relay.store()
     await store.pause_venue("v-slow", by="carol", reason="night")
-    await relay.start(relay_retry_max_age=1.0)
+    await relay.start(relay_retry_max_age_seconds=1.0)
     payload = state("slow-1", venue_id="v-slow")
     (outbox_id,) = await relay.insert(payload)
     await relay.wait_processed(outbox_id)
     await asyncio.sleep(1.5)
-    await relay.store(relay_retry_max_age=1.0).resume_venue("v-slow")
+    await relay.store(relay_retry_max_age_seconds=1.0).resume_venue("v-slow")
     await relay.wait_landed(payload)
     await relay.wait_status(outbox_id, "delivered")
 

@@ -14,6 +14,7 @@ from app.settings import (
     Settings,
     load_settings,
     parse_duration,
+    variable,
 )
 
 SANDBOX_WEBHOOK = "https://webhooks.pos.sandbox.mozrest.com/rms"
@@ -67,9 +68,9 @@ def test_defaults_match_spec_section_4(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.mozrest_api_key is None
     assert settings.relay_admin_token is None
     assert settings.relay_send_statuses == frozenset({"seated"})
-    assert settings.relay_retry_max_age == 12 * 3600
+    assert settings.relay_retry_max_age_seconds == 12 * 3600
     assert settings.relay_send_items is True
-    assert settings.relay_retention == 7 * 86400
+    assert settings.relay_retention_seconds == 7 * 86400
     assert settings.relay_host == "127.0.0.1"
     assert settings.relay_port == 8000
     assert settings.relay_log_level == "info"
@@ -79,7 +80,9 @@ def test_defaults_match_spec_section_4(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_defaults_satisfy_the_lease_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     """The default lease outlives the default HTTP timeout by at least the documented margin."""
     settings = load(monkeypatch)
-    assert settings.relay_http_timeout + LEASE_MARGIN_SECONDS <= settings.relay_lease_seconds
+    assert (
+        settings.relay_http_timeout_seconds + LEASE_MARGIN_SECONDS <= settings.relay_lease_seconds
+    )
 
 
 def test_production_picks_production_urls(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -184,7 +187,37 @@ def test_duration_variables_are_seconds(
 ) -> None:
     """Duration variables in the environment are read in any documented form as seconds."""
     settings = load(monkeypatch, **{variable: text})
-    assert getattr(settings, variable.lower()) == pytest.approx(seconds)
+    assert getattr(settings, f"{variable.lower()}_seconds") == pytest.approx(seconds)
+
+
+def test_every_duration_field_says_seconds_and_reads_its_documented_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A duration's field name ends in `_seconds`; the variable it reads keeps the documented
+    name (`relay_http_timeout_seconds` from `RELAY_HTTP_TIMEOUT`), and only that name."""
+    durations = [
+        name for name, field in Settings.model_fields.items() if "parse_duration" in repr(field)
+    ]
+    assert "relay_http_timeout_seconds" in durations
+    for name in durations:
+        assert name.endswith("_seconds"), name
+    assert variable("relay_http_timeout_seconds") == "RELAY_HTTP_TIMEOUT"
+    assert variable("relay_lease_seconds") == "RELAY_LEASE_SECONDS"
+    settings = load(monkeypatch, RELAY_POLL_INTERVAL="250ms", RELAY_HTTP_TIMEOUT_SECONDS="2s")
+    assert settings.relay_poll_interval_seconds == pytest.approx(0.25)
+    assert settings.relay_http_timeout_seconds == 10.0  # an undocumented name is not read
+
+
+def test_a_duration_is_given_by_field_or_variable_name() -> None:
+    """In code, a setting is given by its field name or by its variable's name alike."""
+    by_field = load_settings(_env_file=None, relay_shutdown_grace_seconds=3.0)
+    by_variable = load_settings(_env_file=None, relay_shutdown_grace=3.0)
+    assert by_field.relay_shutdown_grace_seconds == by_variable.relay_shutdown_grace_seconds == 3.0
+
+
+def test_an_invalid_duration_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-line error names the documented variable, not the field."""
+    assert config_error(monkeypatch, RELAY_POLL_INTERVAL="soon").startswith("RELAY_POLL_INTERVAL:")
 
 
 def test_written_defaults_equal_the_built_in_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,8 +227,8 @@ def test_written_defaults_equal_the_built_in_defaults(monkeypatch: pytest.Monkey
         if name.startswith("RELAY_"):
             monkeypatch.delenv(name)
     implicit = load_settings(_env_file=None)
-    assert explicit.relay_retry_max_age == implicit.relay_retry_max_age
-    assert explicit.relay_retention == implicit.relay_retention
+    assert explicit.relay_retry_max_age_seconds == implicit.relay_retry_max_age_seconds
+    assert explicit.relay_retention_seconds == implicit.relay_retention_seconds
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,7 +381,9 @@ def test_http_timeout_with_margin_is_accepted(
 ) -> None:
     """A timeout at least the documented margin shorter than the lease is accepted."""
     settings = load(monkeypatch, RELAY_HTTP_TIMEOUT=timeout, RELAY_LEASE_SECONDS=lease)
-    assert settings.relay_http_timeout + LEASE_MARGIN_SECONDS <= settings.relay_lease_seconds
+    assert (
+        settings.relay_http_timeout_seconds + LEASE_MARGIN_SECONDS <= settings.relay_lease_seconds
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@ retention.
 
 Both strip the personal fields (`app.personal`) from every row of a booking that holds them:
 its outbox payloads, its deliveries' payloads, its snapshot, and any text stored from its
-attempts and errors that quotes one of their values. The edit is done here, row by row (read,
-strip, write), under the booking's lock (`bookings.lock_bookings`): `jsonb` on PostgreSQL and
-JSON text elsewhere share no SQL to remove a key inside an array's objects.
+attempts and errors that quotes one of their values. The edit is done here (read, strip,
+write), under the bookings' locks (`bookings.lock_bookings`): `jsonb` on PostgreSQL and JSON text
+elsewhere share no SQL to remove a key inside an array's objects. Retention reads each table once
+per batch of bookings and writes its stripped rows with one statement per table.
 
 Ingest decides a later state against the stripped snapshot, so every personal field the later
 state has counts as changed and is sent in full. docs/personal-data.md lists every column.

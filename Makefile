@@ -76,6 +76,11 @@ bench-api: $(STAMP) ## admin API list latencies over 1,000,000 deliveries: bench
 	@$(BIN)/python -c 'import uvloop' 2>/dev/null && test -x $(BIN)/py-spy || $(BIN)/pip install --quiet -c requirements.lock -e '.[bench]'
 	$(BIN)/python -m bench.api $(BENCH_ARGS)
 
+.PHONY: bench-scrub
+bench-scrub: $(STAMP) ## payload retention over 1,000,000 rows: plans, delivery latency beside it (~30 min): bench/results/scrub.json
+	@$(BIN)/python -c 'import uvloop' 2>/dev/null || $(BIN)/pip install --quiet -c requirements.lock -e '.[bench]'
+	$(BIN)/python -m bench.scrub $(BENCH_ARGS)
+
 .PHONY: soak
 soak: $(STAMP) ## 30 min soak on PostgreSQL: 2 workers, 300 states/s, faults, a SIGKILL every 5 min (SOAK_MINUTES, SOAK_RATE, ...)
 	$(BIN)/python -m bench.soak

@@ -3,9 +3,10 @@ retention.
 
 Both strip the personal fields (`app.personal`) from every row of a booking that holds them:
 its outbox payloads, its deliveries' payloads, its snapshot, and any text stored from its
-attempts and errors that quotes one of their values. The edit is done here, row by row (read,
-strip, write), under the booking's lock (`bookings.lock_bookings`): `jsonb` on PostgreSQL and
-JSON text elsewhere share no SQL to remove a key inside an array's objects.
+attempts and errors that quotes one of their values. The edit is done here (read, strip,
+write), under the bookings' locks (`bookings.lock_bookings`): `jsonb` on PostgreSQL and JSON text
+elsewhere share no SQL to remove a key inside an array's objects. Retention reads each table once
+per batch of bookings and writes its stripped rows with one statement per table.
 
 Ingest decides a later state against the stripped snapshot, so every personal field the later
 state has counts as changed and is sent in full. docs/personal-data.md lists every column.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import LargeBinary, Text, and_, cast, insert, or_, select, update
+from sqlalchemy import LargeBinary, Text, and_, bindparam, cast, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db import translate_errors
@@ -67,6 +68,58 @@ def _payload_of(raw: Any) -> Any:
 def _outbox_text(tools: Toolkit) -> Any:
     # As ingest reads it: SQLite may hold any bytes, which the JSON type could not decode.
     return cast(outbox.c.payload, LargeBinary if tools.dialect == "sqlite" else Text)
+
+
+def _stripped_outbox_row(
+    row: Any, payload: Any, booking_id: str, values: set[str]
+) -> dict[str, Any] | None:
+    """The outbox row's payload and error without personal data, or None if it holds none."""
+    stripped, changed = strip_personal(payload)
+    if not isinstance(payload, dict):
+        # Not an object (an invalid row): which part is personal cannot be told, so only
+        # the ids are kept.
+        stripped = {"bookingId": booking_id, "venueId": row.venue_id}
+    error, error_changed = redact_text(row.error, values)
+    if not (changed or error_changed):
+        return None
+    return {"row_id": row.id, "new_payload": stripped, "new_error": error}
+
+
+# Retention writes a batch's stripped rows with one statement each table (executemany).
+_OUTBOX_STRIP = (
+    update(outbox)
+    .where(outbox.c.id == bindparam("row_id"))
+    .values(
+        payload=bindparam("new_payload", type_=outbox.c.payload.type),
+        error=bindparam("new_error", type_=outbox.c.error.type),
+    )
+)
+_DELIVERY_STRIP = (
+    update(delivery)
+    .where(delivery.c.id == bindparam("row_id"))
+    .values(
+        payload=bindparam("new_payload", type_=delivery.c.payload.type),
+        last_error=bindparam("new_error", type_=delivery.c.last_error.type),
+    )
+)
+_SNAPSHOT_STRIP = (
+    update(booking)
+    .where(booking.c.booking_id == bindparam("row_id"))
+    .values(accepted_payload=bindparam("new_payload", type_=booking.c.accepted_payload.type))
+)
+_ATTEMPT_STRIP = (
+    update(attempt)
+    .where(attempt.c.id == bindparam("row_id"))
+    .values(
+        error=bindparam("new_error", type_=attempt.c.error.type),
+        response_body=bindparam("new_body", type_=attempt.c.response_body.type),
+    )
+)
+
+
+async def _write(conn: AsyncConnection, statement: Any, changes: list[dict[str, Any]]) -> None:
+    if changes:
+        await conn.execute(statement, changes)
 
 
 class Privacy:
@@ -172,18 +225,9 @@ class Privacy:
     async def _strip_outbox_row(
         self, conn: AsyncConnection, row: Any, payload: Any, booking_id: str, values: set[str]
     ) -> int:
-        stripped, changed = strip_personal(payload)
-        if not isinstance(payload, dict):
-            # Not an object (an invalid row): which part is personal cannot be told, so only
-            # the ids are kept.
-            stripped = {"bookingId": booking_id, "venueId": row.venue_id}
-        error, error_changed = redact_text(row.error, values)
-        if not (changed or error_changed):
-            return 0
-        await conn.execute(
-            update(outbox).where(outbox.c.id == row.id).values(payload=stripped, error=error)
-        )
-        return 1
+        change = _stripped_outbox_row(row, payload, booking_id, values)
+        await _write(conn, _OUTBOX_STRIP, [change] if change else [])
+        return 1 if change else 0
 
     async def _redact_attempts(
         self, conn: AsyncConnection, delivery_ids: list[int], values: set[str]
@@ -277,15 +321,18 @@ class Privacy:
             )
         ).all()
         done: Counter[str] = Counter()
+        changes = []
         for row in rows:
             if row.processed_at is None or row.processed_at >= cutoff:
                 break
             payload = _payload_of(row.payload_text)
-            done["outbox_scrubbed"] += await self._strip_outbox_row(
-                conn, row, payload, row.booking_id, personal_values(payload)
-            )
+            change = _stripped_outbox_row(row, payload, row.booking_id, personal_values(payload))
+            if change is not None:
+                changes.append(change)
             done["walked"] += 1
             after_id = row.id
+        await _write(conn, _OUTBOX_STRIP, changes)
+        done["outbox_scrubbed"] += len(changes)
         await self._set_mark(conn, "outbox", after_at=None, after_id=after_id)
         return done
 
@@ -301,11 +348,14 @@ class Privacy:
             delivery.c.updated_at < cutoff
         )
         if after_at is not None:
+            # `updated_at >= mark` bounds the index scan; the OR alone is only a filter, and the
+            # scan would start from the oldest row on every batch.
             query = query.where(
+                delivery.c.updated_at >= after_at,
                 or_(
                     delivery.c.updated_at > after_at,
                     and_(delivery.c.updated_at == after_at, delivery.c.id > after_id),
-                )
+                ),
             )
         rows = (
             await conn.execute(
@@ -317,14 +367,8 @@ class Privacy:
             return done
         booking_ids = sorted({row.booking_id for row in rows})
         due = await self._ended_before(conn, booking_ids, cutoff)
-        for booking_id in booking_ids:
-            if booking_id not in due:
-                continue
-            erased = await self._erase(conn, booking_id, on_request=False)
-            if erased is not None:
-                done["outbox_scrubbed"] += erased.outbox_rows
-                done["deliveries_scrubbed"] += erased.deliveries
-                done["snapshots_scrubbed"] += erased.snapshots
+        if due:
+            done += await self._erase_due(conn, sorted(due))
         done["walked"] += len(rows)
         last = rows[-1]
         await self._set_mark(conn, "delivery", after_at=last.updated_at, after_id=last.id)
@@ -347,3 +391,99 @@ class Privacy:
             for booking_id, row in newest.items()
             if row.status not in ACTIVE_STATUSES and row.updated_at < cutoff
         }
+
+    async def _erase_due(self, conn: AsyncConnection, booking_ids: list[str]) -> Counter[str]:
+        """Retention's erase of a batch of bookings: `_erase`'s edits, with each table read
+        and written once for the whole batch. Under the bookings' locks, one with a state still
+        active is passed over, and outbox rows not ingested yet are left for later."""
+        known = await lock_bookings(self.tools, conn, booking_ids, with_snapshot=True)
+        deliveries = (
+            await conn.execute(
+                select(
+                    delivery.c.id,
+                    delivery.c.booking_id,
+                    delivery.c.status,
+                    delivery.c.payload,
+                    delivery.c.last_error,
+                ).where(self.tools.in_(delivery.c.booking_id, booking_ids))
+            )
+        ).all()
+        rows = (
+            await conn.execute(
+                select(
+                    outbox.c.id,
+                    outbox.c.booking_id,
+                    outbox.c.venue_id,
+                    outbox.c.processed_at,
+                    outbox.c.error,
+                    _outbox_text(self.tools).label("payload_text"),
+                ).where(self.tools.in_(outbox.c.booking_id, booking_ids))
+            )
+        ).all()
+        busy = {d.booking_id for d in deliveries if d.status in ACTIVE_STATUSES}
+        payloads = {row.id: _payload_of(row.payload_text) for row in rows}
+        values: dict[str, set[str]] = {
+            booking_id: personal_values(known[booking_id].accepted_payload)
+            for booking_id in booking_ids
+            if booking_id in known
+        }
+        for row in rows:
+            values.setdefault(row.booking_id, set()).update(personal_values(payloads[row.id]))
+        for item in deliveries:
+            values.setdefault(item.booking_id, set()).update(personal_values(item.payload))
+
+        outbox_changes = [
+            change
+            for row in rows
+            if row.booking_id not in busy and row.processed_at is not None
+            for change in [
+                _stripped_outbox_row(
+                    row, payloads[row.id], row.booking_id, values.get(row.booking_id, set())
+                )
+            ]
+            if change is not None
+        ]
+        delivery_changes = []
+        owner: dict[int, str] = {}
+        for item in deliveries:
+            if item.booking_id in busy:
+                continue
+            owner[item.id] = item.booking_id
+            stripped, changed = strip_personal(item.payload)
+            last_error, error_changed = redact_text(
+                item.last_error, values.get(item.booking_id, set())
+            )
+            if changed or error_changed:
+                delivery_changes.append(
+                    {"row_id": item.id, "new_payload": stripped, "new_error": last_error}
+                )
+        snapshot_changes = []
+        for booking_id, row in known.items():
+            if booking_id in busy or row.accepted_payload is None:
+                continue
+            stripped, changed = strip_personal(row.accepted_payload)
+            if changed:
+                snapshot_changes.append({"row_id": booking_id, "new_payload": stripped})
+        attempt_changes = []
+        if owner:
+            for answer in await conn.execute(
+                select(
+                    attempt.c.id, attempt.c.delivery_id, attempt.c.error, attempt.c.response_body
+                ).where(self.tools.in_(attempt.c.delivery_id, list(owner)))
+            ):
+                quoted = values.get(owner[answer.delivery_id], set())
+                error, error_changed = redact_text(answer.error, quoted)
+                body, body_changed = redact_text(answer.response_body, quoted)
+                if error_changed or body_changed:
+                    attempt_changes.append(
+                        {"row_id": answer.id, "new_error": error, "new_body": body}
+                    )
+        await _write(conn, _OUTBOX_STRIP, outbox_changes)
+        await _write(conn, _DELIVERY_STRIP, delivery_changes)
+        await _write(conn, _SNAPSHOT_STRIP, snapshot_changes)
+        await _write(conn, _ATTEMPT_STRIP, attempt_changes)
+        return Counter(
+            outbox_scrubbed=len(outbox_changes),
+            deliveries_scrubbed=len(delivery_changes),
+            snapshots_scrubbed=len(snapshot_changes),
+        )

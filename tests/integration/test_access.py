@@ -257,6 +257,46 @@ async def test_payload_retention_strips_finished_bookings_and_keeps_active_ones(
     assert all("contact" not in payload for _, payload in rows)  # processed long ago, both
 
 
+async def test_payload_retention_walks_in_batches_and_blanks_echoed_answers(api: Api) -> None:
+    """Retention in batches smaller than the rows due resumes each walk at its mark, strips every
+    finished booking (and blanks answers that echoed its state), and leaves an active one."""
+    for name in ("r1", "r2", "r3"):
+        await api.write(personal_state(name))
+    claims = await api.store.claim_due(worker_id="t", limit=10, lease_seconds=30)
+    await api.store.record(
+        [
+            AttemptResult(
+                claim=c,
+                verdict=Verdict.DELIVERED,
+                started_at=datetime.now(UTC),
+                duration_ms=3,
+                status_code=200,
+                response_body=json.dumps({"echo": personal_state("r1")}),
+            )
+            for c in claims
+        ],
+        worker_id="t",
+    )
+    busy_guest = {"firstname": "Busybee", "lastname": "Other", "email": "b@example.org"}
+    await api.write(factories.state("busy", venue_id="v1", contact=busy_guest))
+    async with api.store.engine.begin() as conn:
+        for days, name in enumerate(("r1", "r2", "r3"), start=10):
+            await conn.execute(
+                update(delivery).where(delivery.c.booking_id == name).values(updated_at=_ago(days))
+            )
+        await conn.execute(update(outbox).values(processed_at=_ago(10)))
+    for _ in range(10):
+        removed = await api.store.prune(
+            retention_seconds=30 * 86400, payload_retention_seconds=86400, batch_size=2
+        )
+        if not removed.get("walked"):
+            break
+    dump = await _dump(api)
+    assert [value for value in DISTINCT if value in dump] == []
+    assert "Busybee" in dump
+    assert len(await api.deliveries()) == 4
+
+
 def _ago(days: int) -> datetime:
     return datetime.now(UTC) - timedelta(days=days)
 

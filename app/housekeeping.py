@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -21,6 +22,10 @@ from app.store import PRUNE_BATCH_SIZE, StoreError, StorePort
 log = get_logger("worker")
 #: Between two retention batches while there is more to remove: never hog the tables.
 PRUNE_PAUSE_SECONDS = 0.1
+#: And at least this many times as long as the batch took: retention (stripping a batch's JSON
+#: documents runs on the event loop) takes at most a quarter of the worker's time, so a
+#: backlog of a million rows to scrub slows the deliveries beside it, not stalls them.
+PRUNE_PAUSE_FACTOR = 3.0
 
 
 class Housekeeping:
@@ -72,6 +77,7 @@ class Housekeeping:
         while not self.stopping.is_set():
             with contextlib.suppress(StoreError):
                 while not self.stopping.is_set():
+                    started = time.monotonic()
                     removed = await self.store.prune(
                         retention_seconds=self.retention_seconds,
                         audit_retention_seconds=self.audit_retention_seconds,
@@ -82,7 +88,8 @@ class Housekeeping:
                         log_event(log, logging.INFO, "retention.pruned", **removed)
                     if max(removed.values(), default=0) < PRUNE_BATCH_SIZE:
                         break
-                    await asyncio.sleep(PRUNE_PAUSE_SECONDS)
+                    took = time.monotonic() - started
+                    await asyncio.sleep(max(PRUNE_PAUSE_SECONDS, took * PRUNE_PAUSE_FACTOR))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self.stopping.wait(), timeout=self.maintenance_interval_seconds

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import itertools
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from typing import Any
 
 from app.policy import Verdict
 from app.publisher import WebhookAnswer
+from app.store import PRUNE_BATCH_SIZE
 from app.worker import Worker
 from app.worker_config import WorkerConfig
 from tests.conftest import eventually
@@ -181,3 +183,24 @@ async def test_a_rotated_token_is_probed_at_once_and_sending_resumes() -> None:
         await until(lambda: store.verdicts()[Verdict.DELIVERED] == 3, "sending resumed", 2.0)
         assert worker.credentials_state == "ok"
     assert Verdict.DEAD not in store.verdicts()
+
+
+async def test_retention_with_more_to_do_takes_at_most_a_quarter_of_the_time() -> None:
+    """Full retention batches follow each other with a pause of three times the batch's own
+    time: a million rows to scrub slow the deliveries beside them, never stall them."""
+    calls: list[float] = []
+
+    class SlowPrune(FakeStore):
+        async def prune(self, **_: Any) -> Counter[str]:
+            calls.append(time.monotonic())
+            await asyncio.sleep(0.05)
+            return Counter({"deliveries_scrubbed": PRUNE_BATCH_SIZE})
+
+    store, publisher = SlowPrune(), FakePublisher()
+    worker = Worker(store=store, publisher=publisher, config=FAST)
+    task = asyncio.create_task(worker.run())
+    await until(lambda: len(calls) >= 3, "three retention batches")
+    worker.stop()
+    await task
+    gaps = [later - earlier for earlier, later in itertools.pairwise(calls)]
+    assert all(gap >= 0.05 * 4 * 0.9 for gap in gaps[:2]), gaps

@@ -58,7 +58,7 @@ container-check: ## build the image on a Debian stand-in base, run it against Po
 	scripts/container_check.sh
 
 .PHONY: bench
-bench: $(STAMP) ## the benchmark suite, about 7 minutes: prints a table, writes bench/results/latest.json
+bench: $(STAMP) ## the benchmark suite, about 15 minutes on a quiet machine: prints a table, writes bench/results/latest.json
 	@$(BIN)/python -c 'import pgqueuer, uvloop' 2>/dev/null || $(BIN)/pip install --quiet -c requirements.lock -e '.[bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

@@ -20,7 +20,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import LargeBinary, Text, and_, bindparam, cast, insert, or_, select, update
+from sqlalchemy import (
+    Column,
+    LargeBinary,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    cast,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db import translate_errors
@@ -85,36 +97,17 @@ def _stripped_outbox_row(
     return {"row_id": row.id, "new_payload": stripped, "new_error": error}
 
 
+def _strip(table: Table, key: Column[Any], **columns: str) -> Any:
+    """An UPDATE of one row by `row_id`, setting each column to the bound parameter named."""
+    values = {name: bindparam(param, type_=table.c[name].type) for name, param in columns.items()}
+    return update(table).where(key == bindparam("row_id")).values(**values)
+
+
 # Retention writes a batch's stripped rows with one statement each table (executemany).
-_OUTBOX_STRIP = (
-    update(outbox)
-    .where(outbox.c.id == bindparam("row_id"))
-    .values(
-        payload=bindparam("new_payload", type_=outbox.c.payload.type),
-        error=bindparam("new_error", type_=outbox.c.error.type),
-    )
-)
-_DELIVERY_STRIP = (
-    update(delivery)
-    .where(delivery.c.id == bindparam("row_id"))
-    .values(
-        payload=bindparam("new_payload", type_=delivery.c.payload.type),
-        last_error=bindparam("new_error", type_=delivery.c.last_error.type),
-    )
-)
-_SNAPSHOT_STRIP = (
-    update(booking)
-    .where(booking.c.booking_id == bindparam("row_id"))
-    .values(accepted_payload=bindparam("new_payload", type_=booking.c.accepted_payload.type))
-)
-_ATTEMPT_STRIP = (
-    update(attempt)
-    .where(attempt.c.id == bindparam("row_id"))
-    .values(
-        error=bindparam("new_error", type_=attempt.c.error.type),
-        response_body=bindparam("new_body", type_=attempt.c.response_body.type),
-    )
-)
+_OUTBOX_STRIP = _strip(outbox, outbox.c.id, payload="new_payload", error="new_error")
+_DELIVERY_STRIP = _strip(delivery, delivery.c.id, payload="new_payload", last_error="new_error")
+_SNAPSHOT_STRIP = _strip(booking, booking.c.booking_id, accepted_payload="new_payload")
+_ATTEMPT_STRIP = _strip(attempt, attempt.c.id, error="new_error", response_body="new_body")
 
 
 async def _write(conn: AsyncConnection, statement: Any, changes: list[dict[str, Any]]) -> None:

@@ -58,8 +58,11 @@ class RateLimit:
         elapsed = max(0.0, (now - row.refilled_at).total_seconds())
         tokens = min(burst, row.tokens + elapsed * self.per_second)
         granted = min(wanted, int(tokens))
+        # `now` was read when the claim began, before this lock: another replica's claim that
+        # began later may have refilled the bucket first. Its clock never goes back, or the
+        # moments between the two readings would refill it twice.
         await conn.execute(
             self.tools.statement("rate.set"),
-            {"bucket": BUCKET, "r_tokens": tokens - granted, "now": now},
+            {"bucket": BUCKET, "r_tokens": tokens - granted, "now": max(now, row.refilled_at)},
         )
         return granted

@@ -337,9 +337,10 @@ class Receiver:
     async def reset(self) -> None:
         await self._call("POST", "/_reset")
 
-    async def dump(self) -> dict[str, Any]:
+    async def dump(self, *, arrivals: bool = False) -> dict[str, Any]:
+        """Per booking what arrived; with `arrivals`, also every request's arrival time."""
         path = self.workdir / f"dump-{time.monotonic_ns()}.json"
-        await self._call("POST", f"/_dump?path={path}")
+        await self._call("POST", f"/_dump?path={path}{'&arrivals=1' if arrivals else ''}")
         return await asyncio.to_thread(_read_and_remove, path)
 
     async def wait_for(self, count: int, *, within: float, poll: float = 0.05) -> dict[str, Any]:

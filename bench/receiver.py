@@ -11,7 +11,8 @@ Control (plain HTTP on the same port, no auth, loopback only):
     GET  /_stats                  {"received", "first_ns", "last_ns"}
     POST /_reset                  forget everything
     POST /_dump?path=FILE         write {"received", "bookings": {bookingId: [count, first_ns,
-                                  last_ns, last_body]}} to FILE (a JSON file); answers {"ok"}
+                                  last_ns, last_body]}} to FILE (a JSON file); answers {"ok"};
+                                  with &arrivals=1, also "arrivals_ns": every request's arrival
 
 Usage:
     python -m bench.receiver [--port 8099]          serve until SIGTERM/SIGINT
@@ -69,7 +70,7 @@ class Store:
             "last_ns": a[-1][0] if a else None,
         }
 
-    def dump(self, path: str) -> None:
+    def dump(self, path: str, *, arrivals: bool = False) -> None:
         bookings: dict[str, list[Any]] = {}
         for ns, body in self.arrivals:
             try:
@@ -85,7 +86,10 @@ class Store:
                 entry[3] = body.decode("utf-8", "replace")
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"received": len(self.arrivals), "bookings": bookings}, f)
+            out: dict[str, Any] = {"received": len(self.arrivals), "bookings": bookings}
+            if arrivals:
+                out["arrivals_ns"] = [ns for ns, _ in self.arrivals]
+            json.dump(out, f)
         os.replace(tmp, path)
 
 
@@ -143,10 +147,11 @@ class HttpProtocol(asyncio.Protocol):
             self.store.reset()
             return _response(200, b'{"ok":true}')
         if method == "POST" and url.path == "/_dump":
-            path = parse_qs(url.query).get("path", [""])[0]
+            query = parse_qs(url.query)
+            path = query.get("path", [""])[0]
             if not path:
                 return _response(400, b'{"detail":"path is required"}', "Bad Request")
-            self.store.dump(path)
+            self.store.dump(path, arrivals=query.get("arrivals", [""])[0] == "1")
             return _response(200, b'{"ok":true}')
         return _response(404, b'{"detail":"not found"}', "Not Found")
 

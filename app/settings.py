@@ -396,6 +396,8 @@ def _default_text(name: str, field: Any) -> str:
         return f"`{','.join(sorted(default))}`"
     if isinstance(default, bool):
         return f"`{str(default).lower()}`"
+    if name == "relay_rate_limit":  # requests a second, not a duration
+        return f"`{default:g}`"
     if isinstance(default, float) and name not in {"relay_max_payload_bytes"}:
         return f"`{_format_seconds(default)}`"
     return f"`{default}`"

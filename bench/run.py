@@ -649,7 +649,9 @@ def table(report: dict[str, Any]) -> str:
         rows.append(
             (
                 f"fairness: venue B behind {f['backlog']:,} on A {where}, {limit}",
-                f"p99 {_fmt(f['p99_ms'])} ms",
+                f"p99 {_fmt(f['p99_ms'])} ms"
+                if f["p99_ms"] is not None
+                else f"p99 over {scenarios.LANDING_TIMEOUT:g} s",
                 note,
             )
         )

@@ -167,9 +167,9 @@ async def test_the_rate_buckets_clock_never_goes_back_so_no_moment_refills_it_tw
     for offset in (0.0, -0.3, 0.2):  # the second claim read its clock 0.3 s before the first
         async with store.tools.write() as conn:
             taken.append(await bucket.take(conn, 1000, base + timedelta(seconds=offset)))
-    # Half a second's worth, then nothing, then what 0.2 s refills: not the 0.5 s since the
-    # second claim's reading.
-    assert taken == [50, 0, 20]
+    # A full bucket (a quarter second's worth), then nothing, then what 0.2 s refills: not the
+    # 0.5 s since the second claim's reading.
+    assert taken == [25, 0, 20]
 
 
 def test_a_negative_or_non_numeric_rate_limit_is_refused_naming_it() -> None:

@@ -8,9 +8,11 @@ larger than the run can send, and one replica SIGKILLed and restarted midway:
 - while work waits, every window receives at least 0.8 x W x limit.
 
 `make chaos` (CHAOS_SCALE=full) runs every pairing with the contract's 10-second windows;
-`make test` runs one short pairing per replica count with 3-second windows, which bound the rate
-more tightly (a 3-second window may hold 4 x limit, i.e. 1.33 x limit a second, where a
-10-second window allows 1.1 x).
+`make test` runs one short pairing per replica count at 50/s with 3-second windows (a 3-second
+window may hold 4 x limit).
+
+Beside the emulator's count, each run prints the busiest window by the relay's own recorded
+request starts: the difference is what the way from a lease to Mozrest adds.
 
 A lone replica's kill leaves nothing to send until it is back: windows that overlap that gap are
 exempt from the lower bound (never from the upper one). With more replicas the survivors carry
@@ -25,7 +27,9 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from sqlalchemy import select
 
+from app.models import attempt
 from tests.chaos.harness import (
     SCALE,
     Rms,
@@ -37,8 +41,11 @@ from tests.chaos.harness import (
 from tests.conftest import Launcher, Process
 from tests.factories import state
 
-#: (replicas, requests per second). `make test` runs one short pairing per replica count.
-SMOKE_CASES = [(1, 50), (2, 500), (4, 500)]
+#: (replicas, requests per second). `make test` runs one short pairing per replica count, at
+#: 50/s: 500/s needs about a core of the machine for the workers, the emulator and PostgreSQL,
+#: which a 2-core machine shared with other work does not always have (docs/benchmarks.md,
+#: "Rate limit and fairness"); `make chaos` runs it.
+SMOKE_CASES = [(1, 50), (2, 50), (4, 50)]
 FULL_CASES = [(r, limit) for r in (1, 2, 4) for limit in (50, 500)]
 CASES = FULL_CASES if SCALE == "full" else SMOKE_CASES
 #: The window the bounds are checked over, and the run's length before and after the kill.
@@ -83,6 +90,18 @@ class Windows:
                     found = (count, begin - self.arrivals[0])
             begin += STEP
         return found
+
+
+def _attempt_starts(database_url: str) -> list[float]:
+    """When each recorded request started, by the relay's clock (a killed replica's last
+    requests are never recorded): the relay's side of the windows, beside the emulator's."""
+    rms = Rms(database_url)
+    try:
+        with rms.engine.connect() as conn:
+            rows = conn.execute(select(attempt.c.started_at)).scalars().all()
+    finally:
+        rms.close()
+    return sorted(value.timestamp() for value in rows)
 
 
 def _start_workers(launcher: Launcher, env: dict[str, str], count: int) -> list[Process]:
@@ -133,6 +152,7 @@ def test_the_rate_limit_holds_across_replicas_and_a_replica_killed_midway(
     time.sleep(AFTER_RESTART)
     observed_ns = time.monotonic_ns()
     requests = receiver.requests()
+    sent = _attempt_starts(database_url)
     arrivals = sorted(r.arrival_ns / 1e9 for r in requests if r.arrival_ns <= observed_ns)
     assert len(arrivals) < backlog, "the backlog ran out: no work waited at the end"
     start, end = arrivals[0], arrivals[-1]
@@ -143,13 +163,16 @@ def test_the_rate_limit_holds_across_replicas_and_a_replica_killed_midway(
     exempt = (killed_ns / 1e9, restarted_ns / 1e9 + 1.0) if replicas == 1 else None
     quietest = windows.quietest(start, end, exempt=exempt)
     rate = len(arrivals) / (end - start)
+    sent_busiest, _ = Windows(sent, WINDOW).busiest()
     print(
         f"\n{replicas} replicas at {limit}/s, {WINDOW:g}-s windows: {len(arrivals):,} requests "
         f"in {end - start:.1f} s ({rate:.1f}/s); busiest window {busiest} "
         f"({busiest / WINDOW / limit:.3f} x limit) at {busiest_at:.1f} s; quietest "
         f"{quietest and quietest[0]} ({quietest and round(quietest[0] / WINDOW / limit, 3)} x "
         f"limit) at {quietest and round(quietest[1], 1)} s; killed at "
-        f"{killed_ns / 1e9 - start:.1f} s, restarted at {restarted_ns / 1e9 - start:.1f} s"
+        f"{killed_ns / 1e9 - start:.1f} s, restarted at {restarted_ns / 1e9 - start:.1f} s; "
+        f"by the relay's recorded attempts, busiest window {sent_busiest} "
+        f"({sent_busiest / WINDOW / limit:.3f} x limit)"
     )
     assert busiest <= (WINDOW + 1) * limit, (
         f"{busiest} requests in the {WINDOW:g}-s window at {busiest_at:.1f} s: over "

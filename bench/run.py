@@ -15,7 +15,9 @@ HTTP client with no database), latency (open loop, RELAY_NOTIFY false and true),
 replicas (2 workers), growth (1,000,000 old rows), peer_preloaded and peer_live (the relay and
 the tuned PgQueuer peer drained in turn; `peer` names both), scaleout (workers against a
 receiver that answers after --scaleout-delay-ms), rms (an RMS-like load beside the relay
-draining: lock waits and commit latency), sqlite, mariadb.
+draining: lock waits and commit latency), sqlite, mariadb, rate_limit (RELAY_RATE_LIMIT against
+the rate measured over 10-second windows; `rate-limit` works too), fairness (venue B's latency
+behind venue A's 50,000-state backlog, with and without a limit).
 Every database is a fresh `mozrest_bench_*` one, dropped at the end.
 """
 
@@ -60,12 +62,14 @@ ALL = (
     "rms",
     "sqlite",
     "mariadb",
+    "rate_limit",
+    "fairness",
     "diagnose",
 )
 #: What `make bench` runs: all but the diagnosis drains and the dead-tuple EXPLAINs (`--only`).
 DEFAULT = tuple(s for s in ALL if s != "diagnose")
 #: Names in `--only` and `--skip` that stand for several scenarios.
-ALIASES = {"peer": ("peer_preloaded", "peer_live")}
+ALIASES = {"peer": ("peer_preloaded", "peer_live"), "rate-limit": ("rate_limit",)}
 #: Issue 6's targets.
 TARGETS = {
     "drain_pg": 3000.0,
@@ -82,6 +86,11 @@ TARGETS = {
     "scaleout_of_ceiling": 0.90,
     "growth_within": 0.15,
     "rss_mb": 200.0,
+    # SPEC 11: over every 10-second window at most 11 x the limit, at least 8 x while work waits.
+    "rate_window_max": 1.1,
+    "rate_window_min": 0.8,
+    # Fairness: venue B's states land within 1 s at p99 behind venue A's backlog.
+    "fairness_p99_ms": 1000.0,
 }
 
 
@@ -109,6 +118,61 @@ class Suite:
             self.results.setdefault("durations", {})[name] = round(time.monotonic() - started, 1)
 
     # -- scenarios ----------------------------------------------------------------------------
+
+    async def s_rate_limit(self) -> dict[str, Any]:
+        """Each `--rate-limit-cases` pairing (REPLICASxLIMIT) drains a backlog larger than the
+        run for `--rate-limit-seconds`: measured rate and 10-second windows against the limit."""
+        runs = []
+        for case in self.args.rate_limit_cases.split(","):
+            replicas, _, limit = case.partition("x")
+            runs.append(
+                await scenarios.rate_limit_pg(
+                    self.workdir,
+                    limit=float(limit),
+                    replicas=int(replicas),
+                    seconds=self.args.rate_limit_seconds,
+                    tag=self.next_tag(),
+                )
+            )
+        ratios = [r["busiest_ratio"] for r in runs]
+        lows = [r["quietest_ratio"] for r in runs if r["quietest_ratio"] is not None]
+        return {
+            "busiest_ratio": max(ratios) if ratios else None,
+            "quietest_ratio": min(lows) if lows else None,
+            "runs": runs,
+        }
+
+    async def s_fairness(self) -> dict[str, Any]:
+        """Venue B's states alone, then behind venue A's backlog with no limit and with
+        `--fairness-limit`: the latency of B's states from COMMIT to arrival."""
+        a = self.args
+        phases = [
+            ("alone", 0, 0.0, "deliveries"),
+            ("behind", a.fairness_backlog, 0.0, "deliveries"),
+        ]
+        if a.fairness_limit:
+            phases.append(("behind, limited", a.fairness_backlog, a.fairness_limit, "deliveries"))
+        if a.fairness_outbox:
+            phases.append(("behind, outbox", a.fairness_backlog, 0.0, "outbox"))
+        out: dict[str, Any] = {}
+        for name, backlog, limit, waiting_in in phases:
+            out[name] = await scenarios.fairness_pg(
+                self.workdir,
+                backlog=backlog,
+                samples=a.fairness_samples,
+                rate_limit=limit,
+                waiting_in=waiting_in,
+                tag=self.next_tag() << 1,
+            )
+        # The target is about due deliveries (a resumed venue): an outbox backlog is reported
+        # beside it, since ingest reads the outbox in the order the RMS wrote it.
+        behind = [
+            out[k]["p99_ms"]
+            for k in ("behind", "behind, limited")
+            if k in out and out[k]["p99_ms"] is not None
+        ]
+        out["worst_p99_ms"] = max(behind) if behind else None
+        return out
 
     async def s_receiver(self) -> dict[str, Any]:
         rate = await standalone_rate(self.workdir, seconds=self.args.receiver_seconds)
@@ -436,6 +500,10 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
     half_notify = lat.get("notify", {}).get("phases", {}).get("half drain", {})
     rss = results.get("drain", {}).get("peak_rss_mb")
     rms = results.get("rms", {})
+    # Ratios of the busiest and quietest 10-second window to 10 x the limit, worst of the runs.
+    rate_max = results.get("rate_limit", {}).get("busiest_ratio")
+    rate_min = results.get("rate_limit", {}).get("quietest_ratio")
+    fair_p99 = results.get("fairness", {}).get("worst_p99_ms")
 
     def check(value: float | None, ok: bool) -> dict[str, Any]:
         return {"value": value, "met": ok if value is not None else None}
@@ -473,6 +541,15 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
             bool(growth and drain and growth >= drain * (1 - t["growth_within"])),
         ),
         "worker peak RSS <= 200 MB": check(rss, rss is not None and rss <= t["rss_mb"]),
+        "rate limit: every 10-s window <= 11x limit": check(
+            rate_max, rate_max is not None and rate_max <= t["rate_window_max"]
+        ),
+        "rate limit: every 10-s window >= 8x limit (work waiting)": check(
+            rate_min, rate_min is not None and rate_min >= t["rate_window_min"]
+        ),
+        "fairness: venue B p99 <= 1 s behind a backlog": check(
+            fair_p99, fair_p99 is not None and fair_p99 <= t["fairness_p99_ms"]
+        ),
     }
     for row in results.get("scaleout", {}).get("rows", []):
         batch = "default" if row["default_batch_size"] else "set"
@@ -740,6 +817,42 @@ def table(report: dict[str, Any]) -> str:
         )
     rows += _scaleout_rows(r.get("scaleout"))
     rows += _rms_rows(r.get("rms"))
+    for run in r.get("rate_limit", {}).get("runs", []):
+        rows.append(
+            (
+                f"rate limit {run['limit']:g}/s, {run['replicas']} "
+                f"replica{'s' if run['replicas'] > 1 else ''}",
+                _fmt(run["rate"], "/s"),
+                f"{run['window_seconds']:g}-s windows: busiest {run['busiest_ratio']:.3f}x, "
+                f"quietest {run['quietest_ratio']}x of {run['window_seconds']:g} x limit "
+                f"(contract: <= 1.1x, >= 0.8x); {run['requests']:,} requests in "
+                f"{run['seconds']:g} s{'' if run['work_waited'] else '; BACKLOG RAN OUT'}",
+            )
+        )
+    fair = r.get("fairness", {})
+    alone = fair.get("alone")
+    for name in ("behind", "behind, limited", "behind, outbox"):
+        f = fair.get(name)
+        if not f:
+            continue
+        limit = f"at {f['rate_limit']:g}/s" if f["rate_limit"] else "no rate limit"
+        where = "due (resumed)" if f.get("waiting_in") == "deliveries" else "in the outbox"
+        note = f"p50 {_fmt(f['p50_ms'])} ms, {f['landed']}/{f['samples']} landed"
+        if f["landed"] < f["samples"]:
+            note += f" within {scenarios.LANDING_TIMEOUT:g} s of the last write"
+        if alone:
+            note += f"; alone p50 {_fmt(alone['p50_ms'])} / p99 {_fmt(alone['p99_ms'])} ms"
+        if f["backlog_waited_throughout"] is False:
+            note += "; BACKLOG DRAINED while sampling"
+        rows.append(
+            (
+                f"fairness: venue B behind {f['backlog']:,} on A {where}, {limit}",
+                f"p99 {_fmt(f['p99_ms'])} ms"
+                if f["p99_ms"] is not None
+                else f"p99 over {scenarios.LANDING_TIMEOUT:g} s",
+                note,
+            )
+        )
     lat = r.get("latency", {})
     for mode in ("poll", "notify"):
         for name, p in lat.get(mode, {}).get("phases", {}).items():
@@ -861,6 +974,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--diagnose-n", type=int, default=20_000)
     parser.add_argument("--diagnose-runs", type=int, default=1)
+    parser.add_argument(
+        "--rate-limit-cases",
+        default="1x50,4x50,1x500,4x500",
+        help="rate_limit: REPLICASxLIMIT pairings, comma-separated",
+    )
+    parser.add_argument("--rate-limit-seconds", type=float, default=25.0)
+    parser.add_argument("--fairness-backlog", type=int, default=50_000)
+    parser.add_argument("--fairness-samples", type=int, default=200)
+    parser.add_argument(
+        "--fairness-limit", type=float, default=500.0, help="fairness: the limited run's rate"
+    )
+    parser.add_argument(
+        "--no-fairness-outbox",
+        dest="fairness_outbox",
+        action="store_false",
+        help="fairness: leave out the run whose backlog waits in the outbox",
+    )
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument(
         "--update",
@@ -882,6 +1012,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rms_backlog = min(args.rms_backlog, 500)
         args.rms_seconds = min(args.rms_seconds, 2.0)
         args.profile = False
+        args.rate_limit_cases = "2x50"
+        args.rate_limit_seconds = min(args.rate_limit_seconds, 12.0)
+        args.fairness_backlog = min(args.fairness_backlog, 5000)
+        args.fairness_samples = min(args.fairness_samples, 40)
         if args.only == ",".join(DEFAULT):
             # Not rms: its checks beyond final states are not correctness (~25 s more).
             args.only = "receiver,drain,latency,coalescing,replicas,growth,scaleout,sqlite"
@@ -925,6 +1059,11 @@ async def amain(args: argparse.Namespace) -> int:
                 "rms_clients",
                 "rms_rate",
                 "rms_seconds",
+                "rate_limit_cases",
+                "rate_limit_seconds",
+                "fairness_backlog",
+                "fairness_samples",
+                "fairness_limit",
             )
         },
     }

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import dataclasses
 import json
 import random
 import sqlite3
@@ -24,6 +26,7 @@ from bench.common import (
     PG_PORT,
     PG_USER,
     PYTHON,
+    RELAY,
     ROOT,
     AutovacuumStandIn,
     CpuMeter,
@@ -43,6 +46,7 @@ from bench.common import (
     seated_payload,
     spawn,
     start_worker,
+    venue_id,
     wait_registered_pg,
 )
 
@@ -1378,3 +1382,223 @@ async def rms_pg(
         f"samples; ok={check['ok']}"
     )
     return result
+
+
+# -- the rate limit and fairness under a backlog ---------------------------------------------------
+
+
+def busiest_window(arrivals_s: Sequence[float], width: float) -> int:
+    """The most requests any window of `width` seconds holds (one starts at every arrival)."""
+    return max(
+        (bisect.bisect_left(arrivals_s, t + width) - i for i, t in enumerate(arrivals_s)),
+        default=0,
+    )
+
+
+def quietest_window(arrivals_s: Sequence[float], width: float, step: float = 0.1) -> int | None:
+    """The fewest requests a window of `width` seconds inside the run holds, sliding by
+    `step` from the first arrival to the last; None when the run is shorter than a window."""
+    if not arrivals_s:
+        return None
+    start, end = arrivals_s[0], arrivals_s[-1]
+    counts = [
+        bisect.bisect_left(arrivals_s, begin + width) - bisect.bisect_left(arrivals_s, begin)
+        for begin in (start + k * step for k in range(int((end - start - width) / step) + 1))
+    ]
+    return min(counts) if counts else None
+
+
+async def rate_limit_pg(
+    workdir: Path,
+    *,
+    limit: float,
+    replicas: int,
+    seconds: float,
+    tag: int,
+    window: float = 10.0,
+    config: RelayConfig | None = None,
+) -> dict[str, Any]:
+    """`replicas` workers at RELAY_RATE_LIMIT=`limit` drain a backlog larger than the run can
+    send; for `seconds` from the first POST, how close the relay keeps to the limit: its rate,
+    and the busiest and quietest `window`-second windows against `window` x limit (the
+    contract: at most (window + 1) x limit, at least 0.8 x window x limit while work waits)."""
+    base = config or RelayConfig()
+    config = dataclasses.replace(base, extra={**base.extra, "RELAY_RATE_LIMIT": f"{limit:g}"})
+    backlog = int(limit * (seconds + 15) * 1.3) + 100
+    async with pg_database("rate_limit") as database, Receiver(workdir) as receiver:
+        url = pg_url(database)
+        await migrate(url, notify=config.notify, workdir=workdir)
+        conn = await pg_connect(database)
+        try:
+            async with conn.transaction():
+                await copy_outbox(conn, [seated_payload(tag, i) for i in range(backlog)])
+        finally:
+            await conn.close()
+        procs = [
+            start_worker(f"worker{k}", url, receiver.url, config, workdir) for k in range(replicas)
+        ]
+        try:
+            first = await receiver.wait_for(1, within=120, poll=0.005)
+            if not first["received"]:
+                raise RuntimeError("nothing arrived within 120 s\n" + procs[0].tail())
+            meter = CpuMeter({f"worker{k}": p.pid for k, p in enumerate(procs)})
+            meter.start()
+            await asyncio.sleep(seconds)
+            cpu = meter.stop()
+            dump = await receiver.dump(arrivals=True)
+        finally:
+            codes = [p.stop() for p in procs]
+    first_ns = dump["arrivals_ns"][0]
+    arrivals = [(ns - first_ns) / 1e9 for ns in dump["arrivals_ns"]]
+    arrivals = [t for t in arrivals if t <= seconds]
+    busiest = busiest_window(arrivals, window)
+    quietest = quietest_window(arrivals, window)
+    span = max(arrivals[-1], 1e-9)
+    result = {
+        "limit": limit,
+        "replicas": replicas,
+        "seconds": round(span, 1),
+        "window_seconds": window,
+        "backlog": backlog,
+        "requests": len(arrivals),
+        "work_waited": len(arrivals) < backlog,
+        "rate": round(len(arrivals) / span, 1),
+        "busiest_window": busiest,
+        "busiest_ratio": round(busiest / (window * limit), 3),
+        "quietest_window": quietest,
+        "quietest_ratio": round(quietest / (window * limit), 3) if quietest is not None else None,
+        "per_second": rate_trace([int(t * 1e9) for t in arrivals], 0, window_s=1.0),
+        "cpu_cores": cpu,
+        "exit_codes": codes,
+        "config": config.describe(),
+    }
+    log(
+        f"rate limit {limit:g}/s x {replicas} replicas: {result['rate']:,.1f}/s over "
+        f"{span:.1f} s; {window:g}-s windows {result['quietest_ratio']}x to "
+        f"{result['busiest_ratio']}x of {window:g} x limit"
+    )
+    return result
+
+
+#: How long the fairness scenario waits for venue B's states after writing the last.
+LANDING_TIMEOUT = 120.0
+
+
+async def _insert_state(conn: asyncpg.Connection, payload: dict[str, Any]) -> int:
+    """One RMS transaction writing one state; returns when it committed (monotonic ns)."""
+    await conn.execute(
+        "INSERT INTO mozrest_outbox (booking_id, venue_id, payload) VALUES ($1, $2, $3::jsonb)",
+        payload["bookingId"],
+        payload["venueId"],
+        dumps(payload),
+    )
+    return time.monotonic_ns()
+
+
+async def fairness_pg(
+    workdir: Path,
+    *,
+    backlog: int,
+    samples: int,
+    tag: int,
+    rate_limit: float = 0.0,
+    waiting_in: str = "deliveries",
+    every: float = 0.05,
+    config: RelayConfig | None = None,
+) -> dict[str, Any]:
+    """One worker with `backlog` states of venue A waiting (none: venue B alone); `samples`
+    states of venue B are written one by one, `every` seconds, once A's backlog has begun to
+    drain. Each B state's latency runs from its COMMIT to its arrival at the receiver.
+
+    `waiting_in`: where A's backlog waits. `deliveries`: ingested while A was paused, then A
+    resumed, so the whole backlog is due at once (a resumed venue; the claims' order decides).
+    `outbox`: written by the RMS at once and not yet ingested (a backfill; ingest reads the
+    outbox in the order it was written)."""
+    base = config or RelayConfig()
+    extra = {**base.extra, "RELAY_RATE_LIMIT": f"{rate_limit:g}"}
+    config = dataclasses.replace(base, extra=extra)
+    big = [dict(seated_payload(tag, i), venueId=venue_id(0)) for i in range(backlog)]
+    small = [dict(seated_payload(tag + 1, i), venueId=venue_id(1)) for i in range(samples)]
+    async with pg_database("fairness") as database, Receiver(workdir) as receiver:
+        url = pg_url(database)
+        await migrate(url, notify=config.notify, workdir=workdir)
+        conn = await pg_connect(database)
+        try:
+            paused = bool(big) and waiting_in == "deliveries"
+            if paused:
+                await _venue(url, "pause", venue_id(0), workdir)
+            if big:
+                async with conn.transaction():
+                    await copy_outbox(conn, big)
+            proc = start_worker("worker", url, receiver.url, config, workdir)
+            try:
+                if paused:
+                    deadline = time.monotonic() + DRAIN_TIMEOUT
+                    while await conn.fetchval(
+                        "SELECT count(*) FROM mozrest_outbox WHERE processed_at IS NULL"
+                    ):
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the paused backlog was not ingested in time")
+                        await asyncio.sleep(0.2)
+                    await _venue(url, "resume", venue_id(0), workdir)
+                if big:
+                    await receiver.wait_for(1, within=120, poll=0.005)
+                else:
+                    await wait_registered_pg(database, [proc])
+                    await asyncio.sleep(0.5)
+                committed: dict[str, int] = {}
+                next_at = time.monotonic()
+                for payload in small:
+                    committed[payload["bookingId"]] = await _insert_state(conn, payload)
+                    next_at += every
+                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                sampled_ns = time.monotonic_ns()
+                deadline = time.monotonic() + LANDING_TIMEOUT
+                while True:
+                    dump = await receiver.dump()
+                    landed = [b for b in committed if b in dump["bookings"]]
+                    if len(landed) == len(committed) or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.2)
+            finally:
+                code = proc.stop()
+        finally:
+            await conn.close()
+    latencies = [
+        (dump["bookings"][b][1] - t) / 1e6 for b, t in committed.items() if b in dump["bookings"]
+    ]
+    big_ids = {p["bookingId"] for p in big}
+    big_sent = sum(1 for b, v in dump["bookings"].items() if b in big_ids and v[1] <= sampled_ns)
+    result = {
+        "backlog": backlog,
+        "waiting_in": waiting_in if backlog else None,
+        "rate_limit": rate_limit,
+        "samples": samples,
+        "landed": len(latencies),
+        "p50_ms": _round(percentile(latencies, 50)),
+        # A state still waiting counts as slower than any that landed: no p99 without it.
+        "p99_ms": _round(percentile(latencies, 99)) if len(latencies) == samples else None,
+        "max_ms": _round(max(latencies, default=None)),
+        "backlog_sent_while_sampling": big_sent,
+        "backlog_waited_throughout": big_sent < backlog if backlog else None,
+        "exit_code": code,
+        "config": config.describe(),
+    }
+    log(
+        f"fairness, backlog {backlog:,} in {waiting_in}, limit {rate_limit:g}: "
+        f"B's p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms "
+        f"({len(latencies)}/{samples} landed; A sent {big_sent:,})"
+    )
+    return result
+
+
+async def _venue(url: str, action: str, venue: str, workdir: Path) -> None:
+    """`mozrest-relay venue pause|resume VENUE` against the bench database."""
+    env = RelayConfig().env(url, "http://127.0.0.1:9/rms")
+    code, out = await run_child([RELAY, "venue", action, venue], within=60, env=env, cwd=workdir)
+    if code != 0:
+        raise RuntimeError(f"venue {action} failed:\n{out[-2000:]}")
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)

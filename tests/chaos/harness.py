@@ -154,6 +154,16 @@ class Rms:
         with self.engine.begin() as conn:
             conn.execute(outbox_insert(payload))
 
+    def write_many(self, payloads: list[dict[str, Any]], *, chunk: int = 2000) -> None:
+        """Many bookings' states at once (a backlog), a few thousand rows a transaction."""
+        for first in range(0, len(payloads), chunk):
+            rows = [
+                {"booking_id": p["bookingId"], "venue_id": p["venueId"], "payload": p}
+                for p in payloads[first : first + chunk]
+            ]
+            with self.engine.begin() as conn:
+                conn.execute(outbox.insert(), rows)
+
     def write_text(self, booking_id: str, venue_id: str, payload_text: str) -> int:
         """A row with exactly this payload text (which the database may refuse)."""
         value = "CAST(:payload AS jsonb)" if self.dialect == "postgresql" else ":payload"

@@ -151,6 +151,27 @@ async def test_a_rate_limit_holds_the_relay_to_it_and_uses_it_while_work_waits(
     assert min(windows) >= 0.8 * limit * 10
 
 
+async def test_the_rate_buckets_clock_never_goes_back_so_no_moment_refills_it_twice(
+    relay: Relay,
+) -> None:
+    """Each claim reads the clock before it reaches the bucket's lock, so two replicas' claims
+    can reach it in the other order. The later one must not set the bucket's clock back to its
+    own earlier reading: the moments between would refill the bucket a second time."""
+    from app.store.rate import RateLimit
+
+    store = relay.store()
+    bucket = RateLimit(store.tools, per_second=100.0)
+    async with store.tools.write() as conn:
+        base = await store.tools.now(conn) + timedelta(seconds=5)  # a full bucket by then
+    taken = []
+    for offset in (0.0, -0.3, 0.2):  # the second claim read its clock 0.3 s before the first
+        async with store.tools.write() as conn:
+            taken.append(await bucket.take(conn, 1000, base + timedelta(seconds=offset)))
+    # A full bucket (a quarter second's worth), then nothing, then what 0.2 s refills: not the
+    # 0.5 s since the second claim's reading.
+    assert taken == [25, 0, 20]
+
+
 def test_a_negative_or_non_numeric_rate_limit_is_refused_naming_it() -> None:
     for value in ("-1", "fast", "nan"):
         with pytest.raises((ConfigError, ValueError)) as caught:

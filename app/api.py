@@ -33,7 +33,7 @@ from app.deps import (
     schema_check,
 )
 from app.logs import configure_logging, get_logger, log_event
-from app.partner_api import PartnerApi
+from app.partner_api import PartnerApi, PosTablesCache
 from app.routes import router
 from app.routes_access import access_router
 from app.routes_venues import router as venues_router
@@ -91,7 +91,11 @@ def create_app(settings: Settings, *, with_worker: bool = False) -> FastAPI:
                 timeout_seconds=settings.relay_http_timeout_seconds,
             )
             context = AppContext(
-                settings=settings, store=parts.store, partner_api=partner_api, worker=parts.worker
+                settings=settings,
+                store=parts.store,
+                partner_api=partner_api,
+                pos_tables=PosTablesCache(ttl_seconds=settings.relay_pos_tables_cache_seconds),
+                worker=parts.worker,
             )
             app.state.context = context
             worker_task: asyncio.Task[None] | None = None

@@ -17,7 +17,7 @@ from fastapi.routing import APIRoute
 from app.access import READ_METHODS, Principal, identify
 from app.logs import get_logger, log_event
 from app.migrate import schema_problem
-from app.partner_api import PartnerApi
+from app.partner_api import PartnerApi, PosTablesCache
 from app.settings import Settings
 from app.states import AuditResult
 from app.store import AuditEntry, Store, StoreError
@@ -33,6 +33,8 @@ class AppContext:
     settings: Settings
     store: Store
     partner_api: PartnerApi
+    pos_tables: PosTablesCache
+    """Mozrest's POS tables per venue for RELAY_POS_TABLES_CACHE seconds."""
     worker: Worker | None = None
     #: Until when (monotonic) the schema is taken to be at head without asking again.
     schema_ok_until: float = 0.0

@@ -1,10 +1,12 @@
-"""Mozrest's Partner API: a venue's POS tables, read with the API key and checked against the
-documented shape."""
+"""Mozrest's Partner API: a venue's POS tables, read with the API key, checked against the
+documented shape, and kept for a while per venue (`PosTablesCache`, one per process)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import quote
 
@@ -29,6 +31,8 @@ class PartnerApiError(Exception):
 
 #: A venue's POS tables answer larger than this is refused (a few thousand tables fit).
 POS_TABLES_BODY_LIMIT = 1024 * 1024
+#: Venues whose POS tables are kept at once.
+POS_TABLES_CACHE_VENUES = 256
 
 
 def parse_pos_tables(content: bytes, *, venue_id: str) -> dict[str, Any]:
@@ -137,3 +141,27 @@ async def aread_at_most(response: httpx.Response, limit: int) -> bytes:
         if size >= limit:
             break
     return b"".join(chunks)[:limit]
+
+
+class PosTablesCache:
+    """Mozrest's POS tables per venue for `ttl_seconds`, for at most `max_venues` venues."""
+
+    def __init__(self, *, ttl_seconds: float, max_venues: int = POS_TABLES_CACHE_VENUES) -> None:
+        self.ttl_seconds = ttl_seconds
+        self.max_venues = max_venues
+        self._answers: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+
+    def get(self, venue_id: str) -> dict[str, Any] | None:
+        entry = self._answers.get(venue_id)
+        if entry is None or entry[0] <= time.monotonic():
+            self._answers.pop(venue_id, None)
+            return None
+        return entry[1]
+
+    def put(self, venue_id: str, answer: dict[str, Any]) -> None:
+        if self.ttl_seconds <= 0:
+            return
+        self._answers.pop(venue_id, None)
+        self._answers[venue_id] = (time.monotonic() + self.ttl_seconds, answer)
+        while len(self._answers) > self.max_venues:
+            self._answers.popitem(last=False)

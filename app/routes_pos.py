@@ -3,10 +3,6 @@ cached briefly, and the RMS's table ids beside them. `routes.router` includes th
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
-from typing import Any
-
 from fastapi import APIRouter, HTTPException, Request
 
 from app.deps import AppContext, ContextDep
@@ -14,41 +10,11 @@ from app.partner_api import PartnerApiError
 from app.routes_common import MOZREST_FAILED, VenueKey
 from app.schemas import PosTable, PosTables, TableMatch, TableMatching
 
-#: Venues whose POS tables are kept at once.
-POS_TABLES_CACHE_VENUES = 256
-
 router = APIRouter()
 
 
-class PosTablesCache:
-    """Mozrest's POS tables per venue for `ttl_seconds`, for at most `max_venues` venues."""
-
-    def __init__(self, *, ttl_seconds: float, max_venues: int = POS_TABLES_CACHE_VENUES) -> None:
-        self.ttl_seconds = ttl_seconds
-        self.max_venues = max_venues
-        self._answers: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
-
-    def get(self, venue_id: str) -> dict[str, Any] | None:
-        entry = self._answers.get(venue_id)
-        if entry is None or entry[0] <= time.monotonic():
-            self._answers.pop(venue_id, None)
-            return None
-        return entry[1]
-
-    def put(self, venue_id: str, answer: dict[str, Any]) -> None:
-        if self.ttl_seconds <= 0:
-            return
-        self._answers.pop(venue_id, None)
-        self._answers[venue_id] = (time.monotonic() + self.ttl_seconds, answer)
-        while len(self._answers) > self.max_venues:
-            self._answers.popitem(last=False)
-
-
 async def pos_tables_of(request: Request, context: AppContext, venue_id: str) -> PosTables:
-    cache: PosTablesCache | None = getattr(request.app.state, "pos_tables_cache", None)
-    if cache is None:
-        cache = PosTablesCache(ttl_seconds=context.settings.relay_pos_tables_cache_seconds)
-        request.app.state.pos_tables_cache = cache
+    cache = context.pos_tables
     answer = cache.get(venue_id)
     if answer is None:
         try:

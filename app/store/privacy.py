@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Column,
@@ -63,6 +64,24 @@ class Erased:
             "deliveries": self.deliveries,
             "snapshots": self.snapshots,
         }
+
+
+class _Stripped(NamedTuple):
+    """Rows that lost personal fields, per table."""
+
+    outbox_rows: int
+    deliveries: int
+    snapshots: int
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """Bookings locked for erasure, and their rows that can hold personal fields."""
+
+    known: dict[str, Any]
+    deliveries: Sequence[Any]
+    rows: Sequence[Any]
 
 
 def _payload_of(raw: Any) -> Any:
@@ -127,124 +146,29 @@ class Privacy:
         """Remove the booking's personal fields from every table; NotFoundError if the relay
         has no row of it, ConflictError while a state of it waits to be sent or ingested."""
         async with self.audit.change(audit) as change:
-            erased = await self._erase(change.conn, booking_id, on_request=True)
-            assert erased is not None  # on request, a busy booking is refused instead
+            erased = await self._erase(change.conn, booking_id)
             change.detail = erased.as_dict() | {"attempts": erased.attempts}
             return erased
 
-    async def _erase(
-        self, conn: AsyncConnection, booking_id: str, *, on_request: bool
-    ) -> Erased | None:
-        """Strip one booking's rows under its lock. On request an active or undecided state is
-        a ConflictError; for retention, active bookings are passed over (None) and rows not yet
-        ingested are left for later."""
-        known = await lock_bookings(self.tools, conn, [booking_id], with_snapshot=True)
-        deliveries = (
-            await conn.execute(
-                select(
-                    delivery.c.id, delivery.c.status, delivery.c.payload, delivery.c.last_error
-                ).where(delivery.c.booking_id == booking_id)
-            )
-        ).all()
-        rows = (
-            await conn.execute(
-                select(
-                    outbox.c.id,
-                    outbox.c.venue_id,
-                    outbox.c.processed_at,
-                    outbox.c.error,
-                    _outbox_text(self.tools).label("payload_text"),
-                ).where(outbox.c.booking_id == booking_id)
-            )
-        ).all()
-        if not known and not deliveries and not rows:
-            if on_request:
-                raise NotFoundError(f"no booking {booking_id!r}")
-            return None
-        active = [d.id for d in deliveries if d.status in ACTIVE_STATUSES]
+    async def _erase(self, conn: AsyncConnection, booking_id: str) -> Erased:
+        """Strip one booking's rows under its lock, on request: NotFoundError when the relay
+        has no row of it, ConflictError while a state of it waits to be sent or read."""
+        held = await self._lock_and_read(conn, [booking_id])
+        if not held.known and not held.deliveries and not held.rows:
+            raise NotFoundError(f"no booking {booking_id!r}")
+        active = [d.id for d in held.deliveries if d.status in ACTIVE_STATUSES]
         if active:
-            if not on_request:
-                return None
             raise ConflictError(
                 f"booking {booking_id!r} has a delivery waiting to be sent ({active[0]}): "
                 "cancel it or let it finish, then erase"
             )
-        if on_request and any(row.processed_at is None for row in rows):
+        if any(row.processed_at is None for row in held.rows):
             raise ConflictError(
                 f"booking {booking_id!r} has a state the relay has not read yet: try again "
                 "in a moment"
             )
-        snapshot = known[booking_id].accepted_payload if booking_id in known else None
-        payloads = [_payload_of(row.payload_text) for row in rows]
-        values: set[str] = personal_values(snapshot)
-        for payload in [*payloads, *(d.payload for d in deliveries)]:
-            values |= personal_values(payload)
-
-        outbox_count = 0
-        for row, payload in zip(rows, payloads, strict=True):
-            if row.processed_at is None:
-                continue  # retention only: ingest reads it first
-            outbox_count += await self._strip_outbox_row(conn, row, payload, booking_id, values)
-        delivery_count = 0
-        for item in deliveries:
-            stripped, changed = strip_personal(item.payload)
-            last_error, error_changed = redact_text(item.last_error, values)
-            if changed or error_changed:
-                await conn.execute(
-                    update(delivery)
-                    .where(delivery.c.id == item.id)
-                    .values(payload=stripped, last_error=last_error)
-                )
-                delivery_count += 1
-        snapshots = 0
-        if snapshot is not None:
-            stripped, changed = strip_personal(snapshot)
-            if changed:
-                await conn.execute(
-                    update(booking)
-                    .where(booking.c.booking_id == booking_id)
-                    .values(accepted_payload=stripped)
-                )
-                snapshots = 1
-        attempts = await self._redact_attempts(conn, [d.id for d in deliveries], values)
-        return Erased(
-            booking_id=booking_id,
-            outbox_rows=outbox_count,
-            deliveries=delivery_count,
-            snapshots=snapshots,
-            attempts=attempts,
-        )
-
-    async def _strip_outbox_row(
-        self, conn: AsyncConnection, row: Any, payload: Any, booking_id: str, values: set[str]
-    ) -> int:
-        change = _stripped_outbox_row(row, payload, booking_id, values)
-        await _write(conn, _OUTBOX_STRIP, [change] if change else [])
-        return 1 if change else 0
-
-    async def _redact_attempts(
-        self, conn: AsyncConnection, delivery_ids: list[int], values: set[str]
-    ) -> int:
-        """Blank the stored answers and errors of these deliveries' attempts that quote a
-        personal value (an answer that echoes the state)."""
-        if not delivery_ids or not values:
-            return 0
-        changed = 0
-        for row in await conn.execute(
-            select(attempt.c.id, attempt.c.error, attempt.c.response_body).where(
-                self.tools.in_(attempt.c.delivery_id, delivery_ids)
-            )
-        ):
-            error, error_changed = redact_text(row.error, values)
-            body, body_changed = redact_text(row.response_body, values)
-            if error_changed or body_changed:
-                await conn.execute(
-                    update(attempt)
-                    .where(attempt.c.id == row.id)
-                    .values(error=error, response_body=body)
-                )
-                changed += 1
-        return changed
+        stripped = await self._strip_held(conn, held)
+        return Erased(booking_id=booking_id, **stripped._asdict())
 
     # -- payload retention ----------------------------------------------------------------
 
@@ -386,9 +310,17 @@ class Privacy:
         }
 
     async def _erase_due(self, conn: AsyncConnection, booking_ids: list[str]) -> Counter[str]:
-        """Retention's erase of a batch of bookings: `_erase`'s edits, with each table read
-        and written once for the whole batch. Under the bookings' locks, one with a state still
-        active is passed over, and outbox rows not ingested yet are left for later."""
+        """Retention's erase of a batch of bookings. Under the bookings' locks, one with a state
+        still active is passed over, and outbox rows not ingested yet are left for later."""
+        stripped = await self._strip_held(conn, await self._lock_and_read(conn, booking_ids))
+        return Counter(
+            outbox_scrubbed=stripped.outbox_rows,
+            deliveries_scrubbed=stripped.deliveries,
+            snapshots_scrubbed=stripped.snapshots,
+        )
+
+    async def _lock_and_read(self, conn: AsyncConnection, booking_ids: list[str]) -> _Held:
+        """Lock the bookings and read every row of them that can hold personal fields."""
         known = await lock_bookings(self.tools, conn, booking_ids, with_snapshot=True)
         deliveries = (
             await conn.execute(
@@ -413,12 +345,17 @@ class Privacy:
                 ).where(self.tools.in_(outbox.c.booking_id, booking_ids))
             )
         ).all()
+        return _Held(known, deliveries, rows)
+
+    async def _strip_held(self, conn: AsyncConnection, held: _Held) -> _Stripped:
+        """Strip the personal fields of what `_lock_and_read` read, with one statement per
+        table: bookings with a state still active are passed over, and outbox rows not ingested
+        yet are left for later. The counts are the rows changed, across the bookings."""
+        known, deliveries, rows = held.known, held.deliveries, held.rows
         busy = {d.booking_id for d in deliveries if d.status in ACTIVE_STATUSES}
         payloads = {row.id: _payload_of(row.payload_text) for row in rows}
         values: dict[str, set[str]] = {
-            booking_id: personal_values(known[booking_id].accepted_payload)
-            for booking_id in booking_ids
-            if booking_id in known
+            booking_id: personal_values(row.accepted_payload) for booking_id, row in known.items()
         }
         for row in rows:
             values.setdefault(row.booking_id, set()).update(personal_values(payloads[row.id]))
@@ -475,8 +412,9 @@ class Privacy:
         await _write(conn, _DELIVERY_STRIP, delivery_changes)
         await _write(conn, _SNAPSHOT_STRIP, snapshot_changes)
         await _write(conn, _ATTEMPT_STRIP, attempt_changes)
-        return Counter(
-            outbox_scrubbed=len(outbox_changes),
-            deliveries_scrubbed=len(delivery_changes),
-            snapshots_scrubbed=len(snapshot_changes),
+        return _Stripped(
+            outbox_rows=len(outbox_changes),
+            deliveries=len(delivery_changes),
+            snapshots=len(snapshot_changes),
+            attempts=len(attempt_changes),
         )

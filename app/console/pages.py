@@ -18,7 +18,7 @@ from app.models import OUTCOMES, STATUSES
 from app.partner_api import PartnerApiError
 from app.routes import WORKER_SEEN_HEARTBEATS
 from app.routes_access import AuditAction
-from app.routes_common import encode_cursor
+from app.routes_common import page_of
 from app.routes_pos import match_tables, pos_tables_of
 from app.routes_venues import encode_venue_cursor
 from app.schemas import PosTables
@@ -141,9 +141,7 @@ async def deliveries(request: Request, context: ContextDep, session: SessionDep)
             before_id=read_cursor(request, "delivery"),
             limit=PAGE_SIZE + 1,
         )
-        if len(rows) > PAGE_SIZE:
-            rows = rows[:PAGE_SIZE]
-            next_cursor = encode_cursor("delivery", rows[-1]["id"])
+        rows, next_cursor = page_of("delivery", rows, PAGE_SIZE)
     groups = await context.store.console.failure_groups()
     return render(
         request,
@@ -320,10 +318,7 @@ async def outbox_page(request: Request, context: ContextDep, session: SessionDep
         before_id=read_cursor(request, "outbox"),
         limit=PAGE_SIZE + 1,
     )
-    next_cursor = None
-    if len(rows) > PAGE_SIZE:
-        rows = rows[:PAGE_SIZE]
-        next_cursor = encode_cursor("outbox", rows[-1]["id"])
+    rows, next_cursor = page_of("outbox", rows, PAGE_SIZE)
     return render(
         request,
         "outbox.html",
@@ -390,10 +385,7 @@ async def audit_page(request: Request, context: ContextDep, session: SessionDep)
     rows = await context.store.audit.list(
         actor=actor, action=action, before_id=read_cursor(request, "audit"), limit=PAGE_SIZE + 1
     )
-    next_cursor = None
-    if len(rows) > PAGE_SIZE:
-        rows = rows[:PAGE_SIZE]
-        next_cursor = encode_cursor("audit", rows[-1]["id"])
+    rows, next_cursor = page_of("audit", rows, PAGE_SIZE)
     return render(
         request,
         "audit.html",

@@ -206,11 +206,14 @@ def create_engine(
 
 def _configure_mysql(engine: AsyncEngine, *, limit_seconds: int) -> None:
     """MariaDB: the same bounds as PostgreSQL's, in whole seconds (`idle_transaction_timeout`
-    ends a transaction left idle). MySQL has no such setting: there only the lock waits are
-    bounded (docs/reliability.md)."""
+    ends a transaction left idle; `net_read_timeout` and `net_write_timeout` a statement half
+    sent by, or a result half read by, a frozen client). MySQL has no idle-transaction setting:
+    there only the lock and network waits are bounded (docs/reliability.md)."""
     statements = [
         f"SET SESSION innodb_lock_wait_timeout = {limit_seconds}",
         f"SET SESSION lock_wait_timeout = {limit_seconds}",
+        f"SET SESSION net_read_timeout = {limit_seconds}",
+        f"SET SESSION net_write_timeout = {limit_seconds}",
     ]
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -268,7 +271,8 @@ class StoreError(Exception):
 #: cancelled statement), a system error (58).
 _OUTAGE_SQLSTATE_CLASSES = frozenset({"08", "28", "3D", "40", "53", "57", "58"})
 #: And single SQLSTATEs: lock_not_available (55P03, `lock_timeout`), and
-#: idle_in_transaction_session_timeout (25P03).
+#: idle_in_transaction_session_timeout (25P03). A session another replica ended because its
+#: process was frozen (`Store.end_stalled_sessions`) is class 57 (admin_shutdown).
 _OUTAGE_SQLSTATES = frozenset({"55P03", "25P03"})
 #: MySQL/MariaDB error numbers of the same kind: access denied, no such database, lock wait
 #: timeout, deadlock, the connection gone or killed (including by `idle_transaction_timeout`),

@@ -1,5 +1,6 @@
 """The worker's housekeeping loops: the heartbeat (this process and its gates, in
-`mozrest_worker`) and retention (old rows pruned, personal data scrubbed), in small batches.
+`mozrest_worker`), retention (old rows pruned, personal data scrubbed), in small batches, and
+the sweep that ends a frozen replica's stalled sessions (`Store.end_stalled_sessions`).
 
 Neither touches a delivery: a database outage only skips a beat, and the loops end when the
 worker stops.
@@ -14,6 +15,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from sqlalchemy.exc import DBAPIError
+
 from app import metrics
 from app.gates import Gates
 from app.logs import get_logger, log_event
@@ -26,6 +29,10 @@ PRUNE_PAUSE_SECONDS = 0.1
 #: documents runs on the event loop) takes at most a quarter of the worker's time, so a
 #: backlog of a million rows to scrub slows the deliveries beside it, not stalls them.
 PRUNE_PAUSE_FACTOR = 3.0
+#: The stalled-session sweep runs every quarter lease, at most this far apart; a session kept
+#: waiting on its client for the rest of the lease is ended, so a frozen replica holds its locks
+#: for at most a lease (docs/reliability.md).
+SWEEP_MAX_INTERVAL_SECONDS = 5.0
 
 
 class Housekeeping:
@@ -44,6 +51,7 @@ class Housekeeping:
         retention_seconds: float,
         audit_retention_seconds: float | None,
         payload_retention_seconds: float | None,
+        lease_seconds: float,
     ) -> None:
         self.store = store
         self.worker_id = worker_id
@@ -55,6 +63,8 @@ class Housekeeping:
         self.retention_seconds = retention_seconds
         self.audit_retention_seconds = audit_retention_seconds
         self.payload_retention_seconds = payload_retention_seconds
+        self.sweep_interval_seconds = min(lease_seconds / 4, SWEEP_MAX_INTERVAL_SECONDS)
+        self.stalled_after_seconds = lease_seconds - self.sweep_interval_seconds
 
     async def heartbeat_loop(self) -> None:
         """Report the process and its gates now, again on every change of the gates, and at
@@ -94,6 +104,31 @@ class Housekeeping:
                 await asyncio.wait_for(
                     self.stopping.wait(), timeout=self.maintenance_interval_seconds
                 )
+
+    async def sweep_loop(self) -> None:
+        """End the relay sessions the database has kept waiting on a frozen client, every
+        `sweep_interval_seconds`. A sweep that fails (the database down, the role not allowed
+        to) is logged and tried again at the next interval: it never stops the worker."""
+        while not self.stopping.is_set():
+            try:
+                ended = await self.store.end_stalled_sessions(
+                    waiting_seconds=self.stalled_after_seconds
+                )
+            except StoreError:
+                ended = []
+            except DBAPIError as exc:
+                log_event(log, logging.WARNING, "sessions.sweep_failed", error=type(exc).__name__)
+                ended = []
+            for name in ended:
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "sessions.ended_stalled",
+                    session=name,
+                    waited_seconds=self.stalled_after_seconds,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=self.sweep_interval_seconds)
 
 
 def count_scrubbed(removed: Counter[str]) -> None:

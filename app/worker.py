@@ -119,6 +119,7 @@ class Worker:
             retention_seconds=config.retention_seconds,
             audit_retention_seconds=config.audit_retention_seconds,
             payload_retention_seconds=config.payload_retention_seconds,
+            lease_seconds=config.lease_seconds,
         )
         self._ingest_wakeup = ingest_wakeup or asyncio.Event()
         self._dispatch_wakeup = asyncio.Event()
@@ -162,6 +163,7 @@ class Worker:
             asyncio.create_task(self._dispatch_loop(), name="dispatch"),
             asyncio.create_task(self.housekeeping.heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self.housekeeping.maintenance_loop(), name="maintenance"),
+            asyncio.create_task(self.housekeeping.sweep_loop(), name="sweep"),
         ]
         for task in [recorder, *loops]:
             task.add_done_callback(self._loop_ended)

@@ -29,6 +29,7 @@ class FakeStore:
 
     def __init__(self) -> None:
         self.due: list[Claim] = []
+        self.sweeps: list[float] = []
         self.recorded: list[AttemptResult] = []
         self.released: list[Claim] = []
         self.registered: list[WorkerInfo] = []
@@ -118,6 +119,10 @@ class FakeStore:
         payload_retention_seconds: float | None = None,
     ) -> Counter[str]:
         return Counter()
+
+    async def end_stalled_sessions(self, *, waiting_seconds: float) -> list[str]:
+        self.sweeps.append(waiting_seconds)
+        return []
 
     async def ping(self) -> datetime:
         return NOW

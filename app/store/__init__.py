@@ -107,6 +107,7 @@ class Store:
         self.heartbeat = upkeep.heartbeat
         self.mark_stopped = upkeep.mark_stopped
         self.prune = upkeep.prune
+        self.end_stalled_sessions = upkeep.end_stalled_sessions
         self.ping = upkeep.ping
         self.schema_revision = upkeep.schema_revision
         # The admin API's side.

@@ -6,7 +6,7 @@ from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db import translate_errors
@@ -22,6 +22,22 @@ from app.store.toolkit import ACTIVE, Toolkit, statement
 PRUNE_BATCH_SIZE = 500
 #: Workers that have not checked in for this long are forgotten.
 FORGET_WORKERS_AFTER = timedelta(days=1)
+
+
+_END_STALLED_SESSIONS = text(
+    """
+    SELECT application_name, pg_terminate_backend(pid) AS ended
+    FROM pg_stat_activity
+    WHERE datname = current_database()
+      AND usename = current_user
+      AND pid <> pg_backend_pid()
+      AND application_name LIKE 'mozrest-relay/%'
+      AND state = 'active'
+      AND wait_event_type = 'Client'
+      AND wait_event IN ('ClientRead', 'ClientWrite')
+      AND state_change < clock_timestamp() - make_interval(secs => :seconds)
+    """
+)
 
 
 @statement("upkeep.heartbeat")
@@ -208,6 +224,29 @@ class Upkeep:
         if doomed:
             await conn.execute(delete(booking).where(self.tools.in_(booking.c.booking_id, doomed)))
         return len(doomed)
+
+    # -- stalled sessions -----------------------------------------------------------------
+
+    @translate_errors
+    async def end_stalled_sessions(self, *, waiting_seconds: float) -> list[str]:
+        """End the relay sessions (any replica's) that PostgreSQL has kept waiting on their
+        client, in the middle of a statement, for `waiting_seconds`: their process is frozen.
+        The names of the sessions ended (`application_name`, which carries the process id).
+
+        The server's own timers cannot end them. asyncpg prepares a statement it has not seen
+        (Parse, Describe, then Flush, not Sync) before it binds and runs it; a process frozen
+        between the two leaves its session "active" and reading from the client, where neither
+        `idle_in_transaction_session_timeout` nor `statement_timeout` acts, with its locks held
+        for as long as it stays frozen. A session writing a result to a frozen client that no
+        longer reads waits the same way. Only sessions of this database's relay processes under
+        the same role are looked at (a role may always end its own sessions). MariaDB bounds the
+        same waits itself (`net_read_timeout`, `net_write_timeout`); SQLite has no sessions.
+        """
+        if self.tools.dialect != "postgresql":
+            return []
+        async with self.tools.write() as conn:
+            ended = await conn.execute(_END_STALLED_SESSIONS, {"seconds": waiting_seconds})
+            return [row.application_name for row in ended if row.ended]
 
     # -- health ---------------------------------------------------------------------------
 

@@ -9,10 +9,15 @@ process is thawed when its test ends, whatever the outcome.
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from mozrest_outbox import outbox_insert
 from tests.chaos import scenarios
@@ -222,3 +227,81 @@ def _pid(process: Process) -> int:
 def _explain(report: Report, outbox: list[OutboxRow], received: list[ReceivedRequest]) -> str:
     broken = list(dict.fromkeys(v.booking_id for v in report.violations if v.booking_id))
     return "\n".join([report.describe(), *(timeline(b, outbox, received) for b in broken[:3])])
+
+
+#: A relay session that takes the ingest lock, then has asyncpg prepare a statement it has not
+#: seen (Parse, Describe, Flush: no Sync), and stops its own process before binding it. The
+#: session is then "active", waiting on the client, where PostgreSQL arms no idle timer.
+_FROZEN_BETWEEN_PREPARE_AND_BIND = """
+import asyncio, os, signal, sys
+from sqlalchemy import text
+from app.runtime import build_engine
+from app.settings import load_settings
+
+async def main():
+    engine = build_engine(load_settings())
+    async with engine.connect() as conn:
+        await conn.begin()
+        await conn.execute(text("SELECT name FROM mozrest_lock WHERE name = 'ingest' FOR UPDATE"))
+        raw = (await conn.get_raw_connection()).driver_connection
+        await raw.prepare("SELECT count(*) FROM mozrest_outbox WHERE id > $1")
+        print("prepared", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        await raw.fetch("SELECT 1")
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_session_frozen_between_prepare_and_bind_frees_its_locks_within_a_lease(
+    launcher: Launcher, database_url: str
+) -> None:
+    """SPEC 9.4 at its narrowest: a relay process stopped between asyncpg's prepare of a new
+    statement and its bind, where no server timer acts, has its session ended by the replica
+    that still runs, and the ingest lock is free again within RELAY_LEASE_SECONDS."""
+    lease = 2.0
+    _, receiver = start_emulator(launcher)
+    relay = relay_env(database_url, receiver.url, lease_seconds=f"{lease:g}s", http_timeout="1s")
+    peer = start_worker(launcher, relay)
+    env = {**os.environ, **relay}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _FROZEN_BETWEEN_PREPARE_AND_BIND],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    rms = Rms(database_url)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline().decode()
+        assert line.strip() == "prepared", f"the child did not get to prepare: {line}"
+        frozen_at = time.monotonic()
+        deadline = frozen_at + lease + 5
+        taken_after: float | None = None
+        while taken_after is None and time.monotonic() < deadline:
+            with rms.engine.connect() as conn:
+                conn.exec_driver_sql("SET lock_timeout = '200ms'")
+                try:
+                    conn.exec_driver_sql(
+                        "SELECT name FROM mozrest_lock WHERE name = 'ingest' FOR UPDATE"
+                    )
+                    taken_after = time.monotonic() - frozen_at
+                except OperationalError:
+                    time.sleep(0.1)
+                conn.rollback()
+    finally:
+        rms.close()
+        child.send_signal(signal.SIGCONT)
+        child.kill()
+        child.wait(timeout=10)
+        if child.stdout is not None:
+            child.stdout.close()
+    print(f"frozen between prepare and bind: the ingest lock was free again after {taken_after} s")
+    assert taken_after is not None, (
+        f"the ingest lock was still held {lease + 5:g} s after its holder froze between "
+        f"prepare and bind (lease {lease:g} s)"
+    )
+    assert taken_after <= lease + 0.5, f"the lock was freed {taken_after:.1f} s after the freeze"
+    assert '"sessions.ended_stalled"' in peer.output(), peer.output()

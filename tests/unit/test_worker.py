@@ -14,6 +14,8 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from app.policy import Verdict
 from app.publisher import WebhookAnswer
 from app.store import PRUNE_BATCH_SIZE
@@ -204,3 +206,24 @@ async def test_retention_with_more_to_do_takes_at_most_a_quarter_of_the_time() -
     await task
     gaps = [later - earlier for earlier, later in itertools.pairwise(calls)]
     assert all(gap >= 0.05 * 4 * 0.9 for gap in gaps[:2]), gaps
+
+
+async def test_the_stalled_session_sweep_runs_each_quarter_lease_and_survives_refusals() -> None:
+    """The sweep asks for sessions kept waiting three quarters of a lease, every quarter lease;
+    a sweep the database refuses (a role not allowed to end sessions) is logged and tried again,
+    and the worker goes on delivering."""
+
+    class Refusing(FakeStore):
+        async def end_stalled_sessions(self, *, waiting_seconds: float) -> list[str]:
+            await super().end_stalled_sessions(waiting_seconds=waiting_seconds)
+            if len(self.sweeps) == 1:
+                raise DBAPIError("SELECT pg_terminate_backend(...)", {}, Exception("denied"))
+            return ["mozrest-relay/4242"]
+
+    store, publisher = Refusing(), FakePublisher()
+    config = dataclasses.replace(FAST, lease_seconds=2.0)
+    async with running(store, publisher, config):
+        await until(lambda: len(store.sweeps) >= 3, "the sweep did not run again after a refusal")
+        store.add("B1")
+        await until(lambda: store.recorded, "the worker stopped delivering")
+    assert all(waited == 1.5 for waited in store.sweeps), store.sweeps

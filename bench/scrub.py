@@ -1,7 +1,7 @@
 """`make bench-scrub`: payload retention over 1,000,000 finished rows, beside live delivery.
 
     python -m bench.scrub [--rows 1000000] [--rate 50] [--baseline 60]
-                          [--output bench/results/scrub.json] [--no-generic]
+                          [--output bench/results/scrub.json] [--no-generic] [--notify]
 
 On a fresh PostgreSQL database `mozrest_bench_scrub_<pid>` (dropped at the end) it loads, with SQL
 (`generate_series`, `INSERT ... SELECT`), `--rows` outbox rows processed one to two days ago (each
@@ -614,10 +614,11 @@ async def phase(
     seconds: float | None,
     end: dict[str, Any] | None,
     max_seconds: float,
+    notify: bool,
 ) -> dict[str, Any]:
     """One worker process, the producer at `rate`, for `seconds` or until the scrub is done."""
     url = pg_url(database)
-    config = RelayConfig(extra={"RELAY_PAYLOAD_RETENTION": retention})
+    config = RelayConfig(notify=notify, extra={"RELAY_PAYLOAD_RETENTION": retention})
     await receiver.reset()
     spawned = time.monotonic()
     proc: Proc = start_worker(f"worker-{name}", url, receiver.url, config, workdir)
@@ -757,10 +758,11 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "command": " ".join(["python -m bench.scrub", *sys.argv[1:]]),
         "rows": args.rows,
         "rate": args.rate,
+        "notify": args.notify,
     }
     async with pg_database("scrub") as database:
         url = pg_url(database)
-        await migrate(url, workdir=workdir)
+        await migrate(url, notify=args.notify, workdir=workdir)
         log(f"loading {args.rows:,} finished rows into each table")
         report["load"] = await load(database, args.rows)
         log(f"loaded in {report['load']['seconds']}s: {report['load']['rows']}")
@@ -792,6 +794,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     seconds=args.baseline,
                     end=None,
                     max_seconds=args.baseline + 30,
+                    notify=args.notify,
                 )
                 report["scrub"] = await phase(
                     "scrub",
@@ -805,6 +808,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     seconds=None,
                     end=end,
                     max_seconds=args.max_minutes * 60,
+                    notify=args.notify,
                 )
             finally:
                 report["autovacuum_standin"] = await vacuum.stop()
@@ -844,6 +848,9 @@ def main() -> int:
     parser.add_argument("--max-minutes", type=float, default=60.0)
     parser.add_argument("--filter-threshold", type=int, default=2000)
     parser.add_argument("--no-generic", dest="generic", action="store_false")
+    parser.add_argument(
+        "--notify", action="store_true", help="the worker woken by NOTIFY (RELAY_NOTIFY=true)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "scrub.json")
     args = parser.parse_args()
     workdir = Workdir()

@@ -195,6 +195,12 @@ def create_engine(
                 # usable index still runs: these only steer the planner's choice.
                 "enable_bitmapscan": "off",
                 "enable_seqscan": "off",
+                # With those off, a scan with no index to use (a table of a few rows, such as the
+                # venues) is costed at 10^10, far over the JIT thresholds: PostgreSQL then spent
+                # about 180 ms compiling a query that reads one row, every time it ran, the whole
+                # tail of delivery latency at every rate. The relay's queries are all short; JIT
+                # never pays for them.
+                "jit": "off",
             },
             "command_timeout": 60,
         }

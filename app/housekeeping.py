@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from app import metrics
 from app.gates import Gates
 from app.logs import get_logger, log_event
-from app.store import PRUNE_BATCH_SIZE, StoreError, StorePort
+from app.store import PRUNE_BATCH_SIZE, SCRUB_BATCH_SIZE, StoreError, StorePort
 
 log = get_logger("worker")
 #: Between two retention batches while there is more to remove: never hog the tables.
@@ -96,7 +96,7 @@ class Housekeeping:
                     count_scrubbed(removed)
                     if removed:
                         log_event(log, logging.INFO, "retention.pruned", **removed)
-                    if max(removed.values(), default=0) < PRUNE_BATCH_SIZE:
+                    if not came_back_full(removed):
                         break
                     took = time.monotonic() - started
                     await asyncio.sleep(max(PRUNE_PAUSE_SECONDS, took * PRUNE_PAUSE_FACTOR))
@@ -129,6 +129,14 @@ class Housekeeping:
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), timeout=self.sweep_interval_seconds)
+
+
+def came_back_full(removed: Counter[str]) -> bool:
+    """Whether a retention pass may have left more to do: its payload walk read a full batch
+    (`walked`, both walks together), or a prune removed one."""
+    if removed.get("walked", 0) >= SCRUB_BATCH_SIZE:
+        return True
+    return max((n for key, n in removed.items() if key != "walked"), default=0) >= PRUNE_BATCH_SIZE
 
 
 def count_scrubbed(removed: Counter[str]) -> None:

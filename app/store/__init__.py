@@ -33,7 +33,7 @@ from app.store.dispatch import Dispatch
 from app.store.ingest import Ingest
 from app.store.outcomes import Outcomes
 from app.store.port import StorePort
-from app.store.privacy import Erased, Privacy
+from app.store.privacy import SCRUB_BATCH_SIZE, Erased, Privacy
 from app.store.rate import RateLimit
 from app.store.records import (
     AttemptResult,
@@ -138,6 +138,7 @@ class Store:
 
 __all__ = [
     "PRUNE_BATCH_SIZE",
+    "SCRUB_BATCH_SIZE",
     "AttemptResult",
     "AuditEntry",
     "Claim",

@@ -13,7 +13,7 @@ from app.db import translate_errors
 from app.models import ACTIVE_STATUSES, attempt, booking, delivery, outbox, worker
 from app.store import bookings
 from app.store.audit import Audit
-from app.store.privacy import Privacy
+from app.store.privacy import SCRUB_BATCH_SIZE, Privacy
 from app.store.records import WorkerInfo
 from app.store.toolkit import ACTIVE, Toolkit, statement
 
@@ -117,7 +117,8 @@ class Upkeep:
         removed: Counter[str] = Counter()
         if payload_retention_seconds is not None:
             removed += await self.privacy.scrub_payloads(
-                retention_seconds=payload_retention_seconds, batch_size=batch_size
+                retention_seconds=payload_retention_seconds,
+                batch_size=min(batch_size, SCRUB_BATCH_SIZE),
             )
         async with self.tools.write() as conn:
             if not await self.tools.take_lock(conn, "maintenance"):

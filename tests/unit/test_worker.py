@@ -16,9 +16,10 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
+from app.housekeeping import came_back_full
 from app.policy import Verdict
 from app.publisher import WebhookAnswer
-from app.store import PRUNE_BATCH_SIZE
+from app.store import PRUNE_BATCH_SIZE, SCRUB_BATCH_SIZE
 from app.worker import Worker
 from app.worker_config import WorkerConfig
 from tests.conftest import eventually
@@ -227,3 +228,13 @@ async def test_the_stalled_session_sweep_runs_each_quarter_lease_and_survives_re
         store.add("B1")
         await until(lambda: store.recorded, "the worker stopped delivering")
     assert all(waited == 1.5 for waited in store.sweeps), store.sweeps
+
+
+def test_retention_goes_on_while_a_payload_walk_or_a_prune_came_back_full() -> None:
+    """Payload passes are smaller than prune batches: a full walk (both walks' rows together)
+    means more to scrub, as a full prune means more to delete; anything less waits an interval."""
+    assert came_back_full(Counter(walked=SCRUB_BATCH_SIZE, outbox_scrubbed=3))
+    assert not came_back_full(Counter(walked=SCRUB_BATCH_SIZE - 1, outbox_scrubbed=40))
+    assert came_back_full(Counter(outbox=PRUNE_BATCH_SIZE))
+    assert not came_back_full(Counter(outbox=PRUNE_BATCH_SIZE - 1, walked=0))
+    assert not came_back_full(Counter())

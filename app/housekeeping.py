@@ -100,10 +100,7 @@ class Housekeeping:
                         break
                     took = time.monotonic() - started
                     await asyncio.sleep(max(PRUNE_PAUSE_SECONDS, took * PRUNE_PAUSE_FACTOR))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self.stopping.wait(), timeout=self.maintenance_interval_seconds
-                )
+            await self._pause(self.maintenance_interval_seconds)
 
     async def sweep_loop(self) -> None:
         """End the relay sessions the database has kept waiting on a frozen client, every
@@ -127,8 +124,12 @@ class Housekeeping:
                     session=name,
                     waited_seconds=self.stalled_after_seconds,
                 )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), timeout=self.sweep_interval_seconds)
+            await self._pause(self.sweep_interval_seconds)
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait `seconds`, or less if the worker stops meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
 
 
 def came_back_full(removed: Counter[str]) -> bool:

@@ -146,6 +146,8 @@ delivery = Table(
     Index("ix_mozrest_delivery_venue_id_status", "venue_id", "status", "id"),
     # Payload retention walks deliveries in the order they last changed (`store.privacy`).
     Index("ix_mozrest_delivery_updated_at", "updated_at", "id"),
+    # The lists' and bulk retry's time window (`?since=&until=`): a range, not a primary-key walk.
+    Index("ix_mozrest_delivery_created_at", "created_at", "id"),
     # The console's failure groups: the newest dead and retrying deliveries in id order, with
     # what they are grouped by, read from the index alone on PostgreSQL (`store/console.py`).
     # MySQL has no partial indexes: there, `ix_mozrest_delivery_status` serves.

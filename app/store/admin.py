@@ -255,22 +255,43 @@ class AdminQueries:
     ) -> list[Record]:
         """Up to `limit` deliveries below `before_id`, newest first, created in [since, until)
         when those are given."""
-        query = deliveries_query()
-        for column, value in (
-            (delivery.c.status, status),
-            (delivery.c.venue_id, venue_id),
-            (delivery.c.booking_id, booking_id),
-        ):
-            if value is not None:
-                query = query.where(column == value)
-        if since is not None:
-            query = query.where(delivery.c.created_at >= since)
-        if until is not None:
-            query = query.where(delivery.c.created_at < until)
+        wanted = [
+            column == value
+            for column, value in (
+                (delivery.c.status, status),
+                (delivery.c.venue_id, venue_id),
+                (delivery.c.booking_id, booking_id),
+            )
+            if value is not None
+        ]
         if before_id is not None:
-            query = query.where(delivery.c.id < before_id)
+            wanted.append(delivery.c.id < before_id)
+        if since is None and until is None:
+            query = deliveries_query().where(*wanted).order_by(delivery.c.id.desc()).limit(limit)
+        else:
+            # The ids first, from the `created_at` index alone, then their rows. Asked for
+            # whole rows in one query, PostgreSQL walks the primary key from the newest,
+            # expecting the window's rows spread evenly over it (it cannot know that ids and
+            # creation times rise together): a window three days back read every delivery
+            # written since (130 ms at 1,000,000 deliveries, against 2 ms this way).
+            if since is not None:
+                wanted.append(delivery.c.created_at >= since)
+            if until is not None:
+                wanted.append(delivery.c.created_at < until)
+            chosen = (
+                select(delivery.c.id)
+                .where(*wanted)
+                .order_by(delivery.c.id.desc())
+                .limit(limit)
+                .subquery("chosen")
+            )
+            query = (
+                deliveries_query()
+                .join(chosen, chosen.c.id == delivery.c.id)
+                .order_by(delivery.c.id.desc())
+            )
         async with self.tools.read() as conn:
-            rows = await conn.execute(query.order_by(delivery.c.id.desc()).limit(limit))
+            rows = await conn.execute(query)
             return [dict(row._mapping) for row in rows]
 
     @translate_errors

@@ -20,7 +20,7 @@ from app.db import translate_errors
 from app.models import attempt, booking, delivery, venue
 from app.states import DeliveryStatus
 from app.store.audit import Audit
-from app.store.replay import Replays, requeue_candidates
+from app.store.replay import Replays, may_requeue, requeue_candidates
 from app.store.toolkit import Toolkit
 
 #: Dead and retrying deliveries the failure groups read at most, newest first.
@@ -273,36 +273,35 @@ class ConsoleQueries:
             delivery_ids=delivery_ids,
         )
         candidates = query.with_only_columns(
-            delivery.c.id, delivery.c.booking_id, delivery.c.outbox_id, delivery.c.status
+            delivery.c.id, delivery.c.booking_id, delivery.c.outbox_id
         )
         total, after_id = 0, 0
         async with self.tools.read() as conn:
             while True:
-                rows = (
+                # One batch at a time, counted in the database: how many it holds, the last id,
+                # and how many of them the requeue would not refuse.
+                batch = (
+                    candidates.where(delivery.c.id > after_id)
+                    .order_by(delivery.c.id)
+                    .limit(COUNT_BATCH_SIZE)
+                    .subquery("candidate")
+                )
+                counted = (
                     await conn.execute(
-                        candidates.where(delivery.c.id > after_id)
-                        .order_by(delivery.c.id)
-                        .limit(COUNT_BATCH_SIZE)
-                    )
-                ).all()
-                if not rows:
-                    return total
-                after_id = rows[-1].id
-                bookings = {
-                    b.booking_id: b
-                    for b in await conn.execute(
                         select(
-                            booking.c.booking_id,
-                            booking.c.accepted_outbox_id,
-                            booking.c.sent_outbox_id,
-                            booking.c.last_outbox_id,
-                        ).where(booking.c.booking_id.in_(sorted({r.booking_id for r in rows})))
+                            func.count(),
+                            func.max(batch.c.id),
+                            func.coalesce(func.sum(case((may_requeue(batch), 1), else_=0)), 0),
+                        ).select_from(
+                            batch.outerjoin(booking, booking.c.booking_id == batch.c.booking_id)
+                        )
                     )
-                }
-                refusals = await self.replays._requeue_refusals(conn, rows, bookings)
-                total += len(rows) - len(refusals)
-                if len(rows) < COUNT_BATCH_SIZE:
+                ).one()
+                scanned, last_id, allowed = int(counted[0]), counted[1], int(counted[2])
+                total += allowed
+                if scanned < COUNT_BATCH_SIZE:
                     return total
+                after_id = int(last_id)
 
 
 def _group(groups: dict[str, FailureGroup], cause: str, status_code: int | None) -> FailureGroup:

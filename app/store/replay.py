@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, and_, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db import translate_errors
-from app.models import ACTIVE_STATUSES, delivery
+from app.models import ACTIVE_STATUSES, booking, delivery
 from app.states import AuditResult, DeliveryReason, DeliveryStatus
 from app.store.admin import (
     CANCELLABLE_STATUSES,
@@ -53,6 +53,24 @@ def requeue_candidates(
     if delivery_ids is not None:
         query = query.where(delivery.c.id.in_(list(delivery_ids) or [0]))
     return query
+
+
+def may_requeue(candidate: Any) -> ColumnElement[bool]:
+    """`Replays._requeue_refusals`' rule in SQL, true where it refuses nothing: for a count of
+    many candidates (`candidate`: a subquery with `booking_id` and `outbox_id`, joined to
+    `booking`) without reading them into Python. Keep the two in step."""
+    newer = delivery.alias("newer")
+    return and_(
+        booking.c.booking_id.is_not(None),
+        func.coalesce(booking.c.accepted_outbox_id, 0) <= candidate.c.outbox_id,
+        func.coalesce(booking.c.sent_outbox_id, 0) <= candidate.c.outbox_id,
+        booking.c.last_outbox_id <= candidate.c.outbox_id,
+        ~exists().where(
+            newer.c.booking_id == candidate.c.booking_id,
+            newer.c.status.in_((*ACTIVE_STATUSES, DeliveryStatus.DELIVERED)),
+            newer.c.outbox_id > candidate.c.outbox_id,
+        ),
+    )
 
 
 class Replays:

@@ -9,20 +9,37 @@ takes its tokens at the claim. Bookings never sent stay as they are (the `held` 
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import LargeBinary, Text, cast, insert, select
+from sqlalchemy import ColumnElement, LargeBinary, Text, cast, exists, func, insert, select
 
 from app.contract import ContractError, parse_row
 from app.db import translate_errors
-from app.models import booking, delivery, outbox, venue
+from app.models import ACTIVE_STATUSES, booking, delivery, outbox, venue
 from app.states import DeliveryReason, DeliveryStatus
 from app.store.admin import NotFoundError
 from app.store.audit import Audit, AuditEntry
 from app.store.bookings import active_deliveries, lock_bookings, quiet_until
 from app.store.toolkit import Toolkit
 from app.store.venues import VenueRules, paused_now
+
+#: How far before `since` a booking's `updated_at` may lie while its newest state was written
+#: since then. Ingest stamps `updated_at` with the database's clock in the transaction that
+#: reads the row, which can begin just before the RMS's transaction (whose start is the row's
+#: `created_at`) commits; an hour is far more than any transaction lives (a lease, at most).
+INGEST_CLOCK_MARGIN = timedelta(hours=1)
+
+
+def _written_since(venue_id: str, since: datetime) -> list[ColumnElement[bool]]:
+    """The venue's bookings sent before whose newest state may have been written since `since`:
+    the booking's `updated_at` index narrows them (a venue's years of bookings are not read);
+    the caller still compares the newest outbox row's `created_at` with `since` itself."""
+    return [
+        booking.c.venue_id == venue_id,
+        booking.c.sent_outbox_id.is_not(None),
+        booking.c.updated_at >= since - INGEST_CLOCK_MARGIN,
+    ]
 
 
 class Resync:
@@ -45,27 +62,23 @@ class Resync:
 
     @translate_errors
     async def count_resync(self, venue_id: str, *, since: datetime) -> int:
-        """How many bookings `resync_venue` would queue now (for a confirmation)."""
-        async with self.tools.read() as conn:
-            # Only the bookings whose newest state was written since then: a big venue's
-            # others (years of them) never leave the database.
-            written = list(
-                (
-                    await conn.execute(
-                        select(booking.c.booking_id)
-                        .join(outbox, outbox.c.id == booking.c.last_outbox_id)
-                        .where(
-                            booking.c.venue_id == venue_id,
-                            booking.c.sent_outbox_id.is_not(None),
-                            outbox.c.created_at >= since,
-                        )
-                    )
-                ).scalars()
+        """How many bookings `resync_venue` would queue now (for a confirmation), counted in
+        the database: a big venue's bookings never leave it."""
+        waiting = delivery.alias("waiting")
+        query = (
+            select(func.count())
+            .select_from(booking.join(outbox, outbox.c.id == booking.c.last_outbox_id))
+            .where(
+                *_written_since(venue_id, since),
+                outbox.c.created_at >= since,
+                ~exists().where(
+                    waiting.c.booking_id == booking.c.booking_id,
+                    waiting.c.status.in_(ACTIVE_STATUSES),
+                ),
             )
-            if not written:
-                return 0
-            active = await active_deliveries(self.tools, conn, written, payloads=False)
-            return sum(1 for booking_id in written if not active.get(booking_id))
+        )
+        async with self.tools.read() as conn:
+            return int((await conn.execute(query)).scalar_one())
 
     @translate_errors
     async def resync_venue(
@@ -85,7 +98,7 @@ class Resync:
                 row.booking_id: row.last_outbox_id
                 for row in await conn.execute(
                     select(booking.c.booking_id, booking.c.last_outbox_id).where(
-                        booking.c.venue_id == venue_id, booking.c.sent_outbox_id.is_not(None)
+                        *_written_since(venue_id, since)
                     )
                 )
             }

@@ -71,6 +71,11 @@ bench-peer-tune: $(STAMP) ## try the PgQueuer peer's knobs (~15 min): bench/resu
 bench-smoke: $(STAMP) ## a short benchmark run for CI (a minute or two): fails only on lost or stale states
 	$(BIN)/python -m bench.run --smoke $(BENCH_ARGS)
 
+.PHONY: bench-backlog
+bench-backlog: $(STAMP) ## one worker drains a 1,000,000-state backlog (~20 min): rate of its last tenth against its first, peak RSS; bench/results/backlog.json
+	@$(BIN)/python -c 'import uvloop' 2>/dev/null || $(BIN)/pip install --quiet -c requirements.lock -e '.[bench]'
+	$(BIN)/python -m bench.run --only backlog --output bench/results/backlog.json $(BENCH_ARGS)
+
 .PHONY: bench-api
 bench-api: $(STAMP) ## admin API list latencies over 1,000,000 deliveries: bench/results/api.json
 	@$(BIN)/python -c 'import uvloop' 2>/dev/null && test -x $(BIN)/py-spy || $(BIN)/pip install --quiet -c requirements.lock -e '.[bench]'

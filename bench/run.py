@@ -12,7 +12,9 @@
 
 Scenarios: receiver (standalone rate), drain (PostgreSQL, median of --runs), ceiling (the same
 HTTP client with no database), latency (open loop, RELAY_NOTIFY false and true), coalescing,
-replicas (2 workers), growth (1,000,000 old rows), peer_preloaded and peer_live (the relay and
+replicas (2 workers), growth (1,000,000 old rows), backlog (a --backlog-n state backlog
+committed before the worker starts: the rate of its last tenth against its first, peak RSS;
+about 20 minutes at a million), peer_preloaded and peer_live (the relay and
 the tuned PgQueuer peer drained in turn; `peer` names both), scaleout (workers against a
 receiver that answers after --scaleout-delay-ms), rms (an RMS-like load beside the relay
 draining: lock waits and commit latency), sqlite, mariadb, rate_limit (RELAY_RATE_LIMIT against
@@ -56,6 +58,7 @@ ALL = (
     "coalescing",
     "replicas",
     "growth",
+    "backlog",
     "peer_preloaded",
     "peer_live",
     "scaleout",
@@ -86,6 +89,9 @@ TARGETS = {
     "scaleout_of_ceiling": 0.90,
     "growth_within": 0.15,
     "rss_mb": 200.0,
+    # Issue 19: a million-state backlog, peak RSS and the rate of its last tenth to its first.
+    "backlog_rss_mb": 150.0,
+    "backlog_within": 0.15,
     # SPEC 11: over every 10-second window at most 11 x the limit, at least 8 x while work waits.
     "rate_window_max": 1.1,
     "rate_window_min": 0.8,
@@ -252,6 +258,31 @@ class Suite:
             for _ in range(self.args.other_runs)
         ]
         return {"rate": median(r["rate"] for r in runs), "runs": runs}
+
+    async def s_backlog(self) -> dict[str, Any]:
+        """Issue 19's target 4: a backlog of a million states committed before the worker
+        starts, drained by one worker with its defaults."""
+        n = self.args.backlog_n
+        run = await scenarios.drain_pg(
+            self.workdir,
+            n=n,
+            tag=self.next_tag(),
+            preload=True,
+            label="backlog",
+            within=max(scenarios.DRAIN_TIMEOUT, n / 100),
+        )
+        tenths = run["rate_by_tenth"]
+        first, last = tenths["first"], tenths["last"]
+        return {
+            "n": n,
+            "rate": run["rate"],
+            "correct": run["correct"]["ok"],
+            "peak_rss_mb": max((x for x in run["peak_rss_mb"] if x), default=None),
+            "rate_first_tenth": first,
+            "rate_last_tenth": last,
+            "last_of_first": round(last / first, 3) if first and last else None,
+            "runs": [run],
+        }
 
     async def s_growth(self) -> dict[str, Any]:
         runs = [
@@ -500,6 +531,7 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
     half_notify = lat.get("notify", {}).get("phases", {}).get("half drain", {})
     rss = results.get("drain", {}).get("peak_rss_mb")
     rms = results.get("rms", {})
+    backlog = results.get("backlog", {})
     # Ratios of the busiest and quietest 10-second window to 10 x the limit, worst of the runs.
     rate_max = results.get("rate_limit", {}).get("busiest_ratio")
     rate_min = results.get("rate_limit", {}).get("quietest_ratio")
@@ -541,6 +573,17 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
             bool(growth and drain and growth >= drain * (1 - t["growth_within"])),
         ),
         "worker peak RSS <= 200 MB": check(rss, rss is not None and rss <= t["rss_mb"]),
+        "1M backlog: every final state right": check(
+            backlog.get("correct"), backlog.get("correct") is True
+        ),
+        "1M backlog: worker peak RSS <= 150 MB": at_most(
+            backlog.get("peak_rss_mb"), t["backlog_rss_mb"]
+        ),
+        "1M backlog: last tenth's rate within 15% of the first's": check(
+            backlog.get("last_of_first"),
+            bool(backlog.get("last_of_first"))
+            and backlog["last_of_first"] >= 1 - t["backlog_within"],
+        ),
         "rate limit: every 10-s window <= 11x limit": check(
             rate_max, rate_max is not None and rate_max <= t["rate_window_max"]
         ),
@@ -792,6 +835,18 @@ def table(report: dict[str, Any]) -> str:
                 + _cost_note(r["growth"]),
             )
         )
+    if "backlog" in r:
+        b = r["backlog"]
+        rows.append(
+            (
+                f"drain of a {b['n']:,}-state backlog",
+                _fmt(b["rate"], "/s"),
+                f"last tenth {b['rate_last_tenth']:,.0f}/s = {b['last_of_first']:.0%} of the "
+                f"first's; peak RSS {b['peak_rss_mb']} MB; final states right: {b['correct']}"
+                if b["last_of_first"]
+                else "",
+            )
+        )
     for kind in ("preloaded", "live"):
         v = r.get(f"peer_{kind}")
         if not v:
@@ -926,6 +981,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="runs of the drain and the ceiling")
     parser.add_argument("--other-runs", type=int, default=1, help="runs of the other drains")
     parser.add_argument("--old-rows", type=int, default=1_000_000)
+    parser.add_argument("--backlog-n", type=int, default=1_000_000, help="states in `backlog`")
     parser.add_argument("--idle-samples", type=int, default=320)
     parser.add_argument("--rate-seconds", type=float, default=12.0)
     parser.add_argument("--coalesce-bookings", type=int, default=2000)
@@ -1016,6 +1072,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rate_limit_seconds = min(args.rate_limit_seconds, 12.0)
         args.fairness_backlog = min(args.fairness_backlog, 5000)
         args.fairness_samples = min(args.fairness_samples, 40)
+        args.backlog_n = min(args.backlog_n, 20_000)
         if args.only == ",".join(DEFAULT):
             # Not rms: its checks beyond final states are not correctness (~25 s more).
             args.only = "receiver,drain,latency,coalescing,replicas,growth,scaleout,sqlite"

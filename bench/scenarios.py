@@ -112,6 +112,7 @@ async def drain_pg(
     diagnose: Sequence[str] | None = None,
     preload: bool = False,
     receiver: Receiver | None = None,
+    within: float = DRAIN_TIMEOUT,
 ) -> dict[str, Any]:
     """Start the workers idle, commit `n` seated bookings in one COPY, time until the last one
     arrives at the receiver. With `old_rows`, the tables first get that many old processed
@@ -171,12 +172,12 @@ async def drain_pg(
             vacuum.start()
             if profile is not None:
                 profiler = _start_profiler(procs[0].pid, profile, seconds=60)
-            stats = await receiver.wait_for(n, within=DRAIN_TIMEOUT)
+            stats = await receiver.wait_for(n, within=within)
             cpu = meter.stop()
             vacuums = await vacuum.stop()
             if stats["received"] < n:
                 raise RuntimeError(
-                    f"drain incomplete: {stats['received']}/{n} arrived in {DRAIN_TIMEOUT:g}s\n"
+                    f"drain incomplete: {stats['received']}/{n} arrived in {within:g}s\n"
                     + procs[0].tail()
                 )
             first_to_last = max((stats["last_ns"] - stats["first_ns"]) / 1e9, 1e-9)
@@ -199,9 +200,11 @@ async def drain_pg(
     if diagnose is not None:
         lines = [x for x in procs[0].tail(50).splitlines() if x.startswith("DIAGNOSE ")]
         counters = json.loads(lines[-1][len("DIAGNOSE ") :]) if lines else None
+    arrivals = sorted(v[1] for v in dump["bookings"].values())
     result = {
         "n": n,
-        "rate_trace_per_5s": rate_trace([v[1] for v in dump["bookings"].values()], t0),
+        "rate_trace_per_5s": rate_trace(arrivals, t0),
+        "rate_by_tenth": tenth_rates(arrivals),
         "autovacuum_standin": vacuums,
         "replicas": replicas,
         "diagnose": {"variants": list(diagnose), "counters": counters}
@@ -227,6 +230,19 @@ async def drain_pg(
         f"old_rows={old_rows:,}, rss={result['peak_rss_mb']} MB, cpu={cpu}, ok={check['ok']}"
     )
     return result
+
+
+def tenth_rates(arrivals_ns: Sequence[int]) -> dict[str, float | None]:
+    """The rate over the first and over the last tenth of the arrivals (each booking's first
+    POST, sorted): a drain that slows as its tables fill shows it here."""
+    tenth = len(arrivals_ns) // 10
+    if tenth < 2:
+        return {"first": None, "last": None}
+
+    def rate(chunk: Sequence[int]) -> float:
+        return round((len(chunk) - 1) / max((chunk[-1] - chunk[0]) / 1e9, 1e-9), 1)
+
+    return {"first": rate(arrivals_ns[:tenth]), "last": rate(arrivals_ns[-tenth:])}
 
 
 @contextlib.asynccontextmanager

@@ -43,6 +43,7 @@ from app.clock import lease_clock
 from app.gates import Gates
 from app.housekeeping import Housekeeping
 from app.logs import get_logger, log_event
+from app.pacing import Pacing
 from app.publisher import Publisher
 from app.recorder import Recorder, report_settled
 from app.retrying import ride_out_outages
@@ -126,6 +127,7 @@ class Worker:
         # Whether deliveries are known to be due beyond what the last claim took: only then does
         # a finished request wake dispatch (otherwise it claims on its poll interval).
         self._due_backlog = True
+        self.pacing = Pacing(config.concurrency)
         self.failure: BaseException | None = None
         """Set when a loop died of an unexpected error: the worker then stops and `run()` raises."""
 
@@ -252,9 +254,12 @@ class Worker:
             with self.slots.granting(self._may_claim) as take:
                 if lease is not None:
                     lease = dataclasses.replace(lease, take=take)
+                ingest_started = time.monotonic()
                 report = await self._ride_out(
                     functools.partial(self.store.ingest, limit=limit, lease=lease), "ingest"
                 )
+            if report is not None and report.claims:
+                self.pacing.ingest_took(time.monotonic() - ingest_started, len(report.claims))
             backlog = False
             took = time.monotonic() - started
             linger = min(took, INGEST_LINGER_SECONDS) if report is not None and report.rows else 0.0
@@ -296,7 +301,8 @@ class Worker:
         if not self.gates.may_send():
             return self.config.batch_size, None  # nothing may be sent now; decide outcomes
         slots = self.slots.free()
-        min_claim = self.config.min_claim
+        wave = self.pacing.wave()
+        min_claim = self.config.min_claim if wave is None else min(wave, self.config.min_claim)
         if backlog and slots < min_claim and self.slots.in_flight:
             self.slots.freed.clear()
             deadline = time.monotonic() + INGEST_PACE_SECONDS
@@ -310,7 +316,9 @@ class Worker:
             return self.config.batch_size, None
         limit = self.config.batch_size
         if backlog:
-            limit = min(limit, max(slots, min_claim))
+            # Every free slot while answers are quick; a wave at a time while they are slow
+            # (`app.pacing`).
+            limit = min(limit, max(slots, min_claim) if wave is None else wave)
         return limit, LeaseRequest(
             worker_id=self.id, limit=slots, seconds=self.config.lease_seconds
         )
@@ -409,6 +417,7 @@ class Worker:
 
     def _recorded(self, batch: list[AttemptResult], settled: list[Settled]) -> None:
         """Logs and metrics of a recorded batch; wake dispatch when a newer state may go."""
+        self.pacing.requests_took([result.duration_ms / 1000 for result in batch])
         if report_settled(batch, settled):
             self._due_backlog = True
             self._dispatch_wakeup.set()

@@ -1,0 +1,58 @@
+"""How much a backlog's ingest leases at a time, by how long Mozrest takes to answer.
+
+While a backlog waits, ingest refills the request slots its answers free. When Mozrest answers
+quickly, slots free all the time and each ingest leases every free slot: the fewest
+transactions. When each request takes several times an ingest (Mozrest answering in a few
+hundred milliseconds), the answers of a wave of requests sent together all come back together,
+and the slots would stay empty while the next ingest runs: with 64 in flight at 200 ms, one
+64-row ingest of about 40 ms made each cycle 240 ms (81% of 64 / 0.2 s). Leasing a quarter of
+the concurrency at a time staggers the waves, so that each refill overlaps the other waves'
+requests instead of following them (91%, `python -m bench.run --only scaleout`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Requests count as slow when one takes this many times what refilling every slot in one
+#: ingest would (the ingest's time per leased row, times the concurrency). Not the ingest's own
+#: time: a worker draining as fast as its core allows sees requests take concurrency / rate
+#: (about 25 ms at 64 in flight and 2,500/s) however fast Mozrest is, and small ingests would
+#: then look quick against them; per row, such a drain stays near 1, Mozrest at 200 ms near 5.
+SLOW_RATIO = 3.0
+#: Weight of the newest figure in the running averages.
+SMOOTHING = 0.2
+#: Waves a backlog's slots are refilled in while requests are slow.
+WAVES = 4
+
+
+@dataclass(slots=True)
+class Pacing:
+    """Running averages of a request's duration and of an ingest's time per leased row, in
+    seconds."""
+
+    concurrency: int
+    request_seconds: float = 0.0
+    ingest_row_seconds: float = 0.0
+
+    def requests_took(self, seconds: list[float]) -> None:
+        for value in seconds:
+            self.request_seconds = _average(self.request_seconds, value)
+
+    def ingest_took(self, seconds: float, leased: int) -> None:
+        if leased > 0:
+            self.ingest_row_seconds = _average(self.ingest_row_seconds, seconds / leased)
+
+    @property
+    def slow(self) -> bool:
+        refill = self.ingest_row_seconds * self.concurrency
+        return refill > 0 and self.request_seconds > SLOW_RATIO * refill
+
+    def wave(self) -> int | None:
+        """How many deliveries a backlog's ingest may lease at once: None for every free slot
+        (quick answers), a quarter of the concurrency while requests are slow."""
+        return max(1, self.concurrency // WAVES) if self.slow else None
+
+
+def _average(current: float, value: float) -> float:
+    return value if current == 0.0 else current + SMOOTHING * (value - current)

@@ -508,6 +508,8 @@ class Suite:
 def _fmt(value: Any, unit: str = "") -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):  # before int, which it is
+        return "yes" if value else "no"
     if isinstance(value, float):
         text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.1f}"
     else:

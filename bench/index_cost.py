@@ -15,26 +15,25 @@ import json
 import statistics
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from bench import scenarios
 from bench.common import log, machine_summary, pg_connect
-from bench.common import migrate as migrate_database
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _without(index: str) -> Any:
-    async def migrate(url: str, *, notify: bool = False, workdir: Path) -> None:
-        await migrate_database(url, notify=notify, workdir=workdir)
-        conn = await pg_connect(url.rsplit("/", 1)[1])
+def _dropping(index: str) -> Callable[[str], Awaitable[None]]:
+    async def drop(database: str) -> None:
+        conn = await pg_connect(database)
         try:
             await conn.execute(f'DROP INDEX "{index}"')
         finally:
             await conn.close()
 
-    return migrate
+    return drop
 
 
 async def measure(index: str, rounds: int, n: int) -> dict[str, Any]:
@@ -44,13 +43,13 @@ async def measure(index: str, rounds: int, n: int) -> dict[str, Any]:
         for round_ in range(rounds):
             order = ("without", "with") if round_ % 2 else ("with", "without")
             for variant in order:
-                scenarios.migrate = migrate_database if variant == "with" else _without(index)
                 run = await scenarios.drain_pg(
                     workdir,
                     n=n,
                     tag=700 + len(runs["with"]) + len(runs["without"]),
                     preload=True,
                     label=f"index_{variant}",
+                    prepare=None if variant == "with" else _dropping(index),
                 )
                 if not run["correct"]["ok"]:
                     raise RuntimeError(f"a state was lost or stale: {run['correct']}")
@@ -64,7 +63,6 @@ async def measure(index: str, rounds: int, n: int) -> dict[str, Any]:
                     }
                 )
                 log(f"{variant} {index}: {runs[variant][-1]}")
-    scenarios.migrate = migrate_database
     medians = {
         variant: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         for variant, rs in runs.items()

@@ -11,7 +11,7 @@ import random
 import sqlite3
 import subprocess
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,6 +113,7 @@ async def drain_pg(
     preload: bool = False,
     receiver: Receiver | None = None,
     within: float = DRAIN_TIMEOUT,
+    prepare: Callable[[str], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
     """Start the workers idle, commit `n` seated bookings in one COPY, time until the last one
     arrives at the receiver. With `old_rows`, the tables first get that many old processed
@@ -121,11 +122,14 @@ async def drain_pg(
     With `preload`, the bookings are committed first and the workers started after (a backlog
     waiting for the relay), and the rate runs from the first POST to the last at the receiver.
     `receiver`: a running receiver to use (reset first), so that runs compared with each other
-    share it; otherwise one of its own."""
+    share it; otherwise one of its own. `prepare`: called with the database's name right after
+    the migration (to change the schema under comparison, `bench/index_cost.py`)."""
     config = config or RelayConfig()
     async with pg_database(label) as database, _receiver_scope(workdir, receiver) as receiver:
         url = pg_url(database)
         await migrate(url, notify=config.notify, workdir=workdir)
+        if prepare is not None:
+            await prepare(database)
         if old_rows:
             await load_old_rows(database, old_rows)
         payloads = [seated_payload(tag, i) for i in range(n)]

@@ -132,7 +132,7 @@ class Store:
         self.count_resync = resync.count_resync
         self.erase_booking = privacy.erase_booking
         # The operator console's own reads and sessions (`store/console.py`, `store/sessions.py`).
-        self.console = ConsoleQueries(self.tools, self.audit)
+        self.console = ConsoleQueries(self.tools)
         self.sessions = ConsoleSessions(self.tools)
 
 

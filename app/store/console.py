@@ -19,8 +19,7 @@ from sqlalchemy import case, func, select
 from app.db import translate_errors
 from app.models import attempt, booking, delivery, venue
 from app.states import DeliveryStatus
-from app.store.audit import Audit
-from app.store.replay import Replays, may_requeue, requeue_candidates
+from app.store.replay import may_requeue, requeue_candidates
 from app.store.toolkit import Toolkit
 
 #: Dead and retrying deliveries the failure groups read at most, newest first.
@@ -109,9 +108,8 @@ def _minute(value: Any) -> datetime:
 class ConsoleQueries:
     """The console's reads (`Store.console`)."""
 
-    def __init__(self, tools: Toolkit, audit: Audit) -> None:
+    def __init__(self, tools: Toolkit) -> None:
         self.tools = tools
-        self.replays = Replays(tools, audit)
 
     def _minute_of(self, column: Any) -> Any:
         if self.tools.dialect == "postgresql":
